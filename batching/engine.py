@@ -1,0 +1,374 @@
+"""The XTTS engine: one coqui-tts `Xtts` model on one device, driven row by row in batches.
+
+Stock `Xtts.inference` decodes one sentence of one request at a time and then runs a second full GPT pass to
+get the vocoder latents. This engine runs the same modules with the same weights, but:
+
+- decodes a batch of segments of different lengths at once. XTTS's GPT-2 core has no position embedding of
+  its own (text and audio positions are learned embeddings added outside), so left-padding the prefixes and
+  masking the pads gives each row exactly the computation it would get alone;
+- samples every row with its own parameters and its own random stream, so a seeded row's audio does not depend
+  on what it was batched with;
+- takes the vocoder latents from the decoding pass itself: the latent stock XTTS recomputes for audio token t
+  is the final-norm hidden state that predicted token t, which decoding already computed;
+- drops finished rows from the KV cache, so short rows stop costing compute.
+
+Only one thread may call an engine (the scheduler's engine thread): it owns the model.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextError
+from batching.languages import CHAR_LIMITS, normalize_language
+from batching.text import split_text
+
+# Fade applied on both sides of each join between two segments of one request, so that the step between the
+# last sample of one and the first of the next does not click.
+JOIN_FADE_S = 0.005
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-row decoding parameters. `seed=None` draws a fresh seed; `do_sample=False` is greedy (tests)."""
+
+    temperature: float = 0.75
+    top_k: int = 50
+    top_p: float = 0.85
+    repetition_penalty: float = 5.0
+    speed: float = 1.0
+    seed: int | None = None
+    do_sample: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class VoiceLatents:
+    """Speaker conditioning: GPT conditioning latents [1, 32, width] and speaker embedding [1, 512, 1]."""
+
+    gpt_cond_latent: torch.Tensor
+    speaker_embedding: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """One row of a batch: tokenized text of one sentence segment, its voice and its parameters."""
+
+    tokens: tuple[int, ...]
+    n_chars: int
+    voice: VoiceLatents
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentAudio:
+    codes: np.ndarray  # int64 audio codes, as stock XTTS returns them (a final stop token included)
+    wav: np.ndarray  # float32 mono at the engine's sample rate
+
+
+@dataclass(frozen=True, eq=False)
+class TextSegment:
+    text: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Synthesis:
+    wav: np.ndarray  # float32 mono
+    sample_rate: int
+    segments: list[SegmentAudio]
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.wav) / self.sample_rate
+
+
+def _fade(wav: np.ndarray, n: int, head: bool, tail: bool) -> np.ndarray:
+    n = min(n, len(wav) // 2)
+    if n <= 0:
+        return wav
+    wav = wav.copy()
+    ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float64))).astype(np.float32)
+    if head:
+        wav[:n] *= ramp
+    if tail:
+        wav[-n:] *= ramp[::-1]
+    return wav
+
+
+def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
+    """Concatenate segment waveforms with a short fade on each side of every inner join."""
+    if not wavs:
+        return np.zeros(0, dtype=np.float32)
+    n = int(JOIN_FADE_S * sample_rate)
+    last = len(wavs) - 1
+    return np.concatenate([_fade(w, n, head=i > 0, tail=i < last) for i, w in enumerate(wavs)]).astype(np.float32)
+
+
+class XttsEngine:
+    def __init__(self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = torch.device(device)
+        self.demo = demo
+        self.demo_tokens_per_char = float(demo["tokens_per_char"]) if demo else None
+        # Autocast for the GPT decode (fp16 on CUDA by default); None keeps float32 (CPU, equivalence tests).
+        self.gpt_dtype = gpt_dtype
+        args = model.args
+        self.sample_rate = int(args.output_sample_rate)
+        self.input_sample_rate = int(args.input_sample_rate)
+        self.languages = tuple(model.config.languages)
+        gpt = model.gpt
+        self.max_gen_tokens = int(gpt.max_gen_mel_tokens)
+        self.max_text_tokens = int(args.gpt_max_text_tokens)
+        self.start_audio = int(gpt.start_audio_token)
+        self.stop_audio = int(gpt.stop_audio_token)
+        self.n_audio = int(gpt.num_audio_tokens)
+        tok = model.tokenizer.tokenizer
+        self._unk = tok.token_to_id("[UNK]")
+        self._space = tok.token_to_id("[SPACE]")
+        cfg = model.config
+        self.gpt_cond_len = int(cfg.gpt_cond_len)
+        self.gpt_cond_chunk_len = int(cfg.gpt_cond_chunk_len)
+        self.max_ref_len = int(cfg.max_ref_len)
+        self.sound_norm_refs = bool(cfg.sound_norm_refs)
+
+    @classmethod
+    def load(cls, model_dir=None, model: str = "xtts_v2", device: str = "auto", gpt_dtype: str = "auto"):
+        from batching import loading
+
+        loaded = loading.load(model_dir, model=model, device=device)
+        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=_autocast_dtype(gpt_dtype, loaded.device))
+
+    # ---------------------------------------------------------------- text
+
+    def tokenize(self, text: str, language: str) -> tuple[int, ...]:
+        """Token ids of one segment, as stock XTTS computes them, or a clear InputError."""
+        language = normalize_language(language)
+        text = text.strip().lower()
+        if not text:
+            raise EmptyTextError("gen_text is empty: give at least one speakable character")
+        try:
+            ids = self.model.tokenizer.encode(text, lang=language)
+        except Exception as exc:  # the per-language cleaners raise many kinds of errors on odd input
+            raise UntokenizableTextError(
+                f"gen_text cannot be tokenized for language {language!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if all(t in (self._unk, self._space) for t in ids[1:]):
+            raise UntokenizableTextError(
+                f"gen_text has nothing XTTS can speak in language {language!r}: after cleaning, no character of "
+                f"{text[:40]!r} is in the model's vocabulary"
+            )
+        # Stock XTTS asserts fewer than gpt_max_text_tokens tokens; the start and stop tokens come on top.
+        if len(ids) >= self.max_text_tokens:
+            raise TextTooLongError(
+                f"a segment of gen_text is {len(ids)} tokens long; XTTS takes fewer than {self.max_text_tokens}"
+            )
+        return tuple(ids)
+
+    def prepare_text(self, text: str, language: str) -> list[TextSegment]:
+        """Split a request's text into segments within XTTS's per-language limits, and tokenize each."""
+        language = normalize_language(language)
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyTextError("gen_text is empty: give at least one speakable character")
+        pieces = split_text(text, language, CHAR_LIMITS[language])
+        segments = []
+        for piece in pieces:
+            try:
+                segments.append(TextSegment(piece, self.tokenize(piece, language)))
+            except UntokenizableTextError:
+                if len(pieces) == 1:
+                    raise
+                # A lone "..." or emoji between sentences of a longer text: skip it, keep the rest.
+        if not segments:
+            raise UntokenizableTextError(f"gen_text has nothing XTTS can speak in language {language!r}")
+        return segments
+
+    # ---------------------------------------------------------------- conditioning
+
+    @torch.inference_mode()
+    def condition(self, wav: np.ndarray, sample_rate: int) -> VoiceLatents:
+        """Speaker conditioning from a mono float32 reference, as `Xtts.get_conditioning_latents` computes it."""
+        import torchaudio
+
+        audio = torch.as_tensor(np.asarray(wav, dtype=np.float32)).reshape(1, -1)
+        sr = self.input_sample_rate
+        if sample_rate != sr:
+            audio = torchaudio.functional.resample(audio, sample_rate, sr)
+        audio = audio.clip(-1, 1)[:, : sr * self.max_ref_len].to(self.device)
+        if self.sound_norm_refs:
+            audio = (audio / torch.abs(audio).max()) * 0.75
+        speaker_embedding = self.model.get_speaker_embedding(audio, sr)
+        gpt_cond_latent = self.model.get_gpt_cond_latents(
+            audio, sr, length=self.gpt_cond_len, chunk_length=self.gpt_cond_chunk_len
+        )
+        return VoiceLatents(gpt_cond_latent=gpt_cond_latent.float(), speaker_embedding=speaker_embedding.float())
+
+    # ---------------------------------------------------------------- generation
+
+    def demo_length(self, n_chars: int) -> int:
+        """Audio tokens a demo model generates for a segment of `n_chars` characters."""
+        assert self.demo_tokens_per_char is not None
+        return max(4, min(self.max_gen_tokens, round(self.demo_tokens_per_char * n_chars)))
+
+    def synthesize(self, text: str, language: str, voice: VoiceLatents, params: SamplingParams) -> Synthesis:
+        """The single-request path: split, decode all segments of the text as one batch, join."""
+        segments = [Segment(s.tokens, len(s.text), voice, params) for s in self.prepare_text(text, language)]
+        audio = self.generate(segments)
+        return Synthesis(join_segments([a.wav for a in audio], self.sample_rate), self.sample_rate, audio)
+
+    @torch.inference_mode()
+    def generate(self, segments: Sequence[Segment]) -> list[SegmentAudio]:
+        """Decode, then vocode, a batch of segments; one SegmentAudio per segment, in order."""
+        if not segments:
+            return []
+        codes, latents = self._decode(segments)
+        wavs = self._vocode(latents, [s.voice.speaker_embedding for s in segments], [s.params.speed for s in segments])
+        return [SegmentAudio(c, w) for c, w in zip(codes, wavs, strict=True)]
+
+    def _prefix(self, segment: Segment) -> torch.Tensor:
+        """[P, width]: conditioning latents, then start + text + stop token embeddings with their positions."""
+        gpt = self.model.gpt
+        ids = torch.tensor([gpt.start_text_token, *segment.tokens, gpt.stop_text_token], device=self.device)
+        text = gpt.text_embedding(ids) + gpt.text_pos_embedding.emb.weight[: len(ids)]
+        return torch.cat([segment.voice.gpt_cond_latent[0].to(self.device, text.dtype), text], dim=0)
+
+    def _decode(self, segments: Sequence[Segment]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+        from transformers import DynamicCache
+
+        gpt = self.model.gpt
+        dev = self.device
+        b = len(segments)
+        prefixes = [self._prefix(s) for s in segments]
+        width = prefixes[0].shape[1]
+        p_max = max(p.shape[0] for p in prefixes)
+
+        # Left-padded prefixes, then the start audio token at audio position 0.
+        start = gpt.mel_embedding.weight[self.start_audio] + gpt.mel_pos_embedding.emb.weight[0]
+        x = torch.zeros(b, p_max + 1, width, device=dev)
+        mask = torch.zeros(b, p_max + 1, dtype=torch.long, device=dev)
+        for i, p in enumerate(prefixes):
+            x[i, p_max - p.shape[0] : p_max] = p
+            mask[i, p_max - p.shape[0] :] = 1
+        x[:, p_max] = start
+
+        # Per-row limits and sampling parameters.
+        if self.demo_tokens_per_char is not None:
+            limit = [self.demo_length(s.n_chars) for s in segments]
+        else:
+            limit = [self.max_gen_tokens] * b
+        steps = max(limit)
+        params = [s.params for s in segments]
+        temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)[:, None]
+        top_k = torch.tensor([min(max(p.top_k, 1), self.n_audio) for p in params], device=dev)[:, None]
+        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        sample = torch.tensor([p.do_sample for p in params], device=dev)
+        # Each row's own uniform stream: the same seed gives the same draws whatever the batch.
+        uniforms = torch.stack(
+            [
+                torch.rand(steps, generator=torch.Generator().manual_seed(_seed(p.seed)), dtype=torch.float64)
+                for p in params
+            ]
+        ).to(dev)
+        # Stock XTTS's input_ids hold its dummy prefix ids (1) and the start token, which the repetition
+        # penalty sees too: keep that, so greedy output is identical.
+        seen = torch.zeros(b, self.n_audio, dtype=torch.bool, device=dev)
+        seen[:, 1] = True
+        seen[:, self.start_audio] = True
+        limit_t = torch.tensor(limit, device=dev)
+
+        codes = torch.full((b, steps), self.stop_audio, dtype=torch.long, device=dev)
+        hidden = torch.zeros(b, steps, width, device=dev)
+        length = torch.zeros(b, dtype=torch.long, device=dev)
+        rows = torch.arange(b, device=dev)  # the original index of each still-active row
+        cache = DynamicCache(config=gpt.gpt.config)
+
+        with self._autocast():
+            for t in range(steps):
+                out = gpt.gpt(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True)
+                h = gpt.final_norm(out.last_hidden_state[:, -1]).float()
+                logits = gpt.mel_head(h).float()
+                hidden[rows, t] = h
+
+                a_seen = seen[rows]
+                pen = penalty[rows]
+                logits = torch.where(a_seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
+                if self.demo_tokens_per_char is not None:
+                    logits[:, self.stop_audio] = -math.inf  # a demo row ends by length, never by a token
+                tok_greedy = logits.argmax(-1)
+                tok_sampled = _sample(logits, temperature[rows], top_k[rows], top_p[rows], uniforms[rows, t])
+                tok = torch.where(sample[rows], tok_sampled, tok_greedy)
+
+                codes[rows, t] = tok
+                length[rows] = t + 1
+                seen[rows, tok] = True
+                done = (tok == self.stop_audio) | (length[rows] >= limit_t[rows])
+                if bool(done.all()):
+                    break
+                if bool(done.any()):
+                    keep = (~done).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, tok, mask = rows[keep], tok[keep], mask[keep]
+                emb = gpt.mel_embedding(tok) + gpt.mel_pos_embedding.emb.weight[t + 1]
+                x = emb[:, None, :]
+                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
+
+        lengths = length.tolist()
+        out_codes = [codes[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
+        out_latents = [hidden[i, :n] for i, n in enumerate(lengths)]
+        return out_codes, out_latents
+
+    def _vocode(self, latents: list[torch.Tensor], speakers: list[torch.Tensor], speeds: list[float]) -> list[np.ndarray]:
+        wavs = []
+        for lat, spk, speed in zip(latents, speakers, speeds, strict=True):
+            lat = lat[None]  # [1, T, width]
+            length_scale = 1.0 / max(speed, 0.05)
+            if length_scale != 1.0 and math.floor(lat.shape[1] * length_scale) >= 1:
+                lat = F.interpolate(lat.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
+            wav = self.model.hifigan_decoder(lat, g=spk.to(self.device))
+            wavs.append(wav.float().cpu().squeeze().numpy().astype(np.float32, copy=False))
+        return wavs
+
+    def _autocast(self):
+        if self.gpt_dtype is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.gpt_dtype)
+
+
+def _seed(seed: int | None) -> int:
+    return secrets.randbits(63) if seed is None else int(seed) & ((1 << 63) - 1)
+
+
+def _sample(logits, temperature, top_k, top_p, u) -> torch.Tensor:
+    """Per-row temperature, top-k, top-p (in Hugging Face's order and rules), then inverse-CDF sampling."""
+    scores = logits / temperature
+    desc, _ = scores.sort(dim=-1, descending=True)
+    kth = desc.gather(1, top_k - 1)
+    scores = scores.masked_fill(scores < kth, -math.inf)
+    asc, asc_idx = scores.sort(dim=-1)
+    cum = asc.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p)
+    remove[:, -1] = False
+    scores = scores.masked_fill(remove.scatter(1, asc_idx, remove), -math.inf)
+    probs = scores.softmax(dim=-1).double()
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[1] - 1)
+
+
+def _autocast_dtype(name: str, device) -> torch.dtype | None:
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else None
+    table = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"XTTS_GPT_DTYPE must be auto, float32, float16 or bfloat16, got {name!r}")
+    return table[name]
