@@ -1,0 +1,264 @@
+"""The scheduler with a fake engine and a hand-moved clock: grouping, caps, order, cancellation, failures."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from batching.engine import SamplingParams, SegmentAudio, TextSegment, VoiceLatents
+from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
+from batching.latents import LatentCache
+from batching.scheduler import JobTimeoutError, Scheduler, SynthesisRequest
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeEngine:
+    """Segments are the text split on '|'; a row's audio spells its text (one sample per character).
+
+    A segment containing FAIL raises, NAN gives non-finite audio, FATAL raises a CUDA error, and a batch larger
+    than `oom_above` raises an out-of-memory error. Every batch and every conditioning is recorded, and `gate`
+    can hold the engine thread inside a batch.
+    """
+
+    sample_rate = 1000
+
+    def __init__(self, oom_above=None):
+        self.batches: list[list[str]] = []
+        self.conditioned: list[int] = []
+        self.oom_above = oom_above
+        self.threads = set()
+        self.gate = threading.Event()
+        self.gate.set()
+        self._texts: dict[tuple, str] = {}
+
+    def prepare_text(self, text, language):
+        segments = []
+        for t in text.split("|"):
+            tokens = (len(self._texts),) + tuple(ord(c) for c in t)
+            self._texts[tokens] = t
+            segments.append(TextSegment(t, tokens))
+        return segments
+
+    def condition(self, wav, sr):
+        self.threads.add(threading.current_thread().name)
+        self.conditioned.append(len(wav))
+        return VoiceLatents(torch.zeros(1, 32, 4), torch.zeros(1, 512, 1))
+
+    def generate(self, segments):
+        self.threads.add(threading.current_thread().name)
+        self.gate.wait(30)
+        texts = [self._texts[s.tokens] for s in segments]
+        self.batches.append(texts)
+        if self.oom_above is not None and len(segments) > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if any("FATAL" in t for t in texts):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if any("FAIL" in t for t in texts):
+            raise ValueError("this row is broken")
+        out = []
+        for t in texts:
+            wav = np.full(len(t), 0.1, dtype=np.float32)
+            if "NAN" in t:
+                wav[0] = np.nan
+            out.append(SegmentAudio(np.arange(len(t)), wav))
+        return out
+
+
+async def reference():
+    return np.zeros(16000, dtype=np.float32), 16000
+
+
+def request(text, voice="v1", **kw):
+    return SynthesisRequest(text=text, language="en", voice_key=voice, load_reference=reference, **kw)
+
+
+@pytest.fixture
+async def make_scheduler(tmp_path):
+    made = []
+
+    async def make(engine=None, **kw):
+        engine = engine or FakeEngine()
+        kw.setdefault("clock", Clock())
+        kw.setdefault("max_batch_size", 4)
+        kw.setdefault("batch_wait_s", 0.0)
+        s = Scheduler(engine, LatentCache(16, None, "test"), **kw)
+        await s.start()
+        made.append(s)
+        return s, engine
+
+    yield make
+    for s in made:
+        await s.close()
+
+
+async def settle(until=lambda: True):
+    """Let submitted jobs reach the queue (text preparation runs in a worker thread)."""
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        if until():
+            return
+    raise AssertionError("the condition never held")
+
+
+async def test_a_request_is_split_and_rejoined_in_order(make_scheduler):
+    s, engine = await make_scheduler()
+    result = await s.submit(request("one|two|three"))
+    assert result.segments == 3
+    assert len(result.wav) == len("onetwothree")
+    assert engine.batches == [["one", "two", "three"]]
+    assert result.batch_sizes == (3, 3, 3)
+    assert result.sample_rate == 1000
+
+
+async def test_same_voice_rows_are_grouped_and_the_size_is_capped(make_scheduler):
+    engine = FakeEngine()
+    s, _ = await make_scheduler(engine, max_batch_size=3, batch_wait_s=0.0)
+    for voice in "ABZ":  # conditioning runs on the engine thread too: have the latents ready first
+        await s.submit(request("warm", voice))
+    engine.batches.clear()
+    engine.gate.clear()  # the first job's batch holds the engine while the others queue up
+    blocker = asyncio.create_task(s.submit(request("z0", "Z")))
+    await settle(lambda: s.queue_depth == 0 and not s.idle)
+    order = [("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B"), ("a3", "A"), ("a4", "A")]
+    jobs = []
+    for text, voice in order:
+        jobs.append(asyncio.create_task(s.submit(request(text, voice))))
+        await settle(lambda: s.queue_depth == len(jobs))
+    engine.gate.set()
+    await asyncio.gather(blocker, *jobs)
+    assert engine.batches[0] == ["z0"]
+    assert engine.batches[1] == ["a1", "a2", "a3"]  # the oldest's voice first, oldest first, at most 3
+    assert sorted(engine.batches[2]) == ["a4", "b1", "b2"]  # then the rest, filled with the other voice
+
+
+async def test_waits_for_company_up_to_the_wait_cap(make_scheduler):
+    clock = Clock()
+    s, engine = await make_scheduler(clock=clock, max_batch_size=4, batch_wait_s=30.0)
+    first = asyncio.create_task(s.submit(request("x1")))
+    await settle(lambda: s.queue_depth == 1)
+    second = asyncio.create_task(s.submit(request("x2")))
+    await settle(lambda: s.queue_depth == 2)
+    await asyncio.sleep(0.2)
+    assert engine.batches == []  # waiting for company: the hand-moved clock has not reached the wait cap
+    clock.now += 30.0
+    s.poke()
+    await asyncio.gather(first, second)
+    assert engine.batches == [["x1", "x2"]]
+
+
+async def test_a_full_batch_does_not_wait(make_scheduler):
+    s, engine = await make_scheduler(max_batch_size=2, batch_wait_s=3600.0)
+    await asyncio.gather(s.submit(request("p")), s.submit(request("q")))
+    assert engine.batches == [["p", "q"]]
+
+
+async def test_a_cancelled_request_leaves_the_queue_before_its_batch(make_scheduler):
+    clock = Clock()
+    s, engine = await make_scheduler(clock=clock, max_batch_size=8, batch_wait_s=60.0)
+    keep = asyncio.create_task(s.submit(request("keep")))
+    gone = asyncio.create_task(s.submit(request("gone1|gone2")))
+    await settle(lambda: s.queue_depth == 3)
+    gone.cancel()
+    await settle(lambda: s.queue_depth == 1)
+    clock.now += 60.0
+    s.poke()
+    await keep
+    assert engine.batches == [["keep"]]
+    assert gone.cancelled()
+
+
+async def test_a_timed_out_request_is_dropped_with_a_clear_error(make_scheduler):
+    clock = Clock()
+    s, engine = await make_scheduler(clock=clock, max_batch_size=8, batch_wait_s=60.0)
+    late = asyncio.create_task(s.submit(request("late", deadline=clock.now + 5)))
+    ok = asyncio.create_task(s.submit(request("ok")))
+    await settle(lambda: s.queue_depth == 2)
+    clock.now += 60.0
+    s.poke()
+    with pytest.raises(JobTimeoutError, match="timed out"):
+        await late
+    await ok
+    assert engine.batches == [["ok"]]
+
+
+async def test_a_failing_row_fails_alone(make_scheduler):
+    s, engine = await make_scheduler(max_batch_size=4, batch_wait_s=3600.0)
+    results = await asyncio.gather(*(s.submit(request(t)) for t in ["r1", "FAIL", "r3", "r4"]),
+                                   return_exceptions=True)  # fmt: skip
+    assert isinstance(results[1], BatchError) and "this row is broken" in str(results[1])
+    assert [r.segments for i, r in enumerate(results) if i != 1] == [1, 1, 1]
+    assert engine.batches[0] == ["r1", "FAIL", "r3", "r4"]  # tried together, then split in halves
+    assert ["FAIL"] in engine.batches
+
+
+async def test_a_nan_row_fails_alone(make_scheduler):
+    s, _ = await make_scheduler(max_batch_size=2, batch_wait_s=3600.0)
+    good, bad = await asyncio.gather(s.submit(request("fine")), s.submit(request("NAN!")), return_exceptions=True)
+    assert good.segments == 1
+    assert isinstance(bad, BatchError) and "non-finite" in str(bad)
+
+
+async def test_an_out_of_memory_batch_is_halved(make_scheduler):
+    engine = FakeEngine(oom_above=2)
+    s, _ = await make_scheduler(engine, max_batch_size=8, batch_wait_s=3600.0)
+    results = await asyncio.gather(*(s.submit(request(f"m{i}")) for i in range(8)))
+    assert all(r.segments == 1 for r in results)
+    assert [len(b) for b in engine.batches] == [8, 4, 2, 2, 4, 2, 2]
+
+
+async def test_a_single_row_out_of_memory_fails_clearly(make_scheduler):
+    engine = FakeEngine(oom_above=0)
+    s, _ = await make_scheduler(engine)
+    with pytest.raises(OutOfMemoryError, match="did not fit in GPU memory"):
+        await s.submit(request("big"))
+
+
+async def test_a_fatal_device_error_fails_everything_and_calls_on_fatal(make_scheduler):
+    fatal = []
+    s, _ = await make_scheduler(on_fatal=fatal.append, max_batch_size=2, batch_wait_s=3600.0)
+    results = await asyncio.gather(s.submit(request("FATAL")), s.submit(request("x")), return_exceptions=True)
+    assert all(isinstance(r, FatalEngineError) for r in results)
+    assert len(fatal) == 1 and "illegal memory access" in str(fatal[0])
+    with pytest.raises(Exception, match="shutting down"):
+        await s.submit(request("after"))
+
+
+async def test_conditioning_runs_once_for_sixteen_concurrent_jobs_of_a_new_voice(make_scheduler):
+    s, engine = await make_scheduler(max_batch_size=16, batch_wait_s=3600.0)
+    results = await asyncio.gather(*(s.submit(request(f"j{i}", voice="new")) for i in range(16)))
+    assert len(engine.conditioned) == 1
+    assert sum(not r.latent_cache_hit for r in results) == 1
+    assert engine.batches == [[f"j{i}" for i in range(16)]]
+
+
+async def test_the_model_is_only_touched_from_one_engine_thread(make_scheduler):
+    s, engine = await make_scheduler()
+    await asyncio.gather(*(s.submit(request(f"t{i}", voice=f"v{i % 3}")) for i in range(9)))
+    assert len(engine.threads) == 1 and next(iter(engine.threads)).startswith("engine")
+
+
+async def test_progress_is_reported_per_segment(make_scheduler):
+    progress = []
+    s, _ = await make_scheduler(max_batch_size=1)
+    await s.submit(request("a|b|c", on_progress=lambda done, total: progress.append((done, total))))
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_close_fails_waiting_requests_with_a_retryable_error(make_scheduler):
+    clock = Clock()
+    s, _ = await make_scheduler(clock=clock, batch_wait_s=3600.0)
+    job = asyncio.create_task(s.submit(request("w")))
+    await settle(lambda: s.queue_depth == 1)
+    await s.close()
+    with pytest.raises(Exception, match="shutting down") as err:
+        await job
+    assert err.value.retryable
