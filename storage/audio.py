@@ -1,0 +1,168 @@
+"""Audio in and out: decode a reference (WAV, FLAC, OGG/Vorbis, MP3) for the model; encode a result.
+
+`decode_reference` mirrors XTTS's `load_audio` + `get_conditioning_latents`: mix to mono (channel mean), resample
+with `torchaudio.functional.resample`, clip to [-1, 1], keep the first `max_seconds`. It is bounded: the header's
+frame count, rate and channels are checked before any sample is decoded (a file declaring more than
+`max_declared_seconds` is refused), and only the first `max_seconds` (plus a short resampler margin) are decoded.
+
+`encode` writes 16-bit WAV (default), 16-bit FLAC, OGG/Vorbis or MP3. Both are CPU work: in the event loop use
+`decode_reference_async` / `encode_async`, which run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .errors import InvalidAudioError, UnsupportedFormatError
+
+SUPPORTED_INPUT_FORMATS = ("WAV", "FLAC", "OGG", "MP3")
+SUPPORTED_OUTPUT_FORMATS = ("wav", "flac", "ogg", "mp3")
+CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
+_SF_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
+               "mp3": ("MP3", "MPEG_LAYER_III")}
+MIN_REF_SECONDS = 1.0
+MAX_DECLARED_SECONDS = 600.0
+MAX_CHANNELS = 16
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+_MARGIN_SECONDS = 0.25  # decoded beyond max_seconds so the resampler's edge lies in the trimmed tail
+_BLOCK_FRAMES = 65536
+
+
+def decode_reference(
+    source: str | os.PathLike[str] | bytes,
+    target_sr: int,
+    max_seconds: float,
+    *,
+    min_seconds: float = MIN_REF_SECONDS,
+    max_declared_seconds: float = MAX_DECLARED_SECONDS,
+) -> np.ndarray:
+    """Decode a reference to mono float32 at `target_sr`, trimmed to the first `max_seconds`.
+
+    Raises `InvalidAudioError` for empty, non-audio, corrupt, too short (< `min_seconds`) or absurdly long
+    (> `max_declared_seconds` declared) input."""
+    if target_sr < 1 or max_seconds <= 0:
+        raise ValueError(f"target_sr must be >= 1 and max_seconds > 0, got {target_sr}, {max_seconds}")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise InvalidAudioError("reference audio is empty (0 bytes)")
+        handle = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        try:
+            if path.stat().st_size == 0:
+                raise InvalidAudioError("reference audio is empty (0 bytes)")
+        except FileNotFoundError:
+            raise InvalidAudioError("reference audio file is missing") from None
+        handle = path
+    try:
+        with sf.SoundFile(handle) as audio:
+            rate, channels, frames, fmt = audio.samplerate, audio.channels, audio.frames, audio.format
+            _check_header(rate, channels, frames, fmt, max_declared_seconds)
+            wanted = min(frames, math.ceil((max_seconds + _MARGIN_SECONDS) * rate))
+            mono = _read_mono(audio, wanted)
+    except sf.LibsndfileError as exc:
+        raise InvalidAudioError(_libsndfile_reason(exc)) from None
+    except (RuntimeError, ValueError, TypeError) as exc:  # soundfile's other failures on odd input
+        raise InvalidAudioError(f"reference audio could not be decoded ({type(exc).__name__})") from None
+    if mono.size == 0:
+        raise InvalidAudioError("reference audio has no samples")
+    if not np.isfinite(mono).all():
+        raise InvalidAudioError("reference audio contains NaN or infinite samples")
+    duration = mono.size / rate
+    if duration < min_seconds:
+        raise InvalidAudioError(f"reference audio is {duration:.2f} s long; at least {min_seconds:g} s is needed")
+    wav = _resample(mono, rate, target_sr)
+    np.clip(wav, -1.0, 1.0, out=wav)
+    return np.ascontiguousarray(wav[: int(target_sr * max_seconds)], dtype=np.float32)
+
+
+def encode(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, str]:
+    """Encode mono float audio in [-1, 1] (clipped) as `fmt`; returns (bytes, content type)."""
+    fmt = normalize_format(fmt)
+    samples = np.asarray(wav, dtype=np.float32)
+    if samples.ndim == 2 and 1 in samples.shape:
+        samples = samples.reshape(-1)
+    if samples.ndim != 1:
+        raise ValueError(f"encode expects mono audio (1-D), got shape {samples.shape}")
+    if sample_rate < 1:
+        raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
+    samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+    container, subtype = _SF_FORMATS[fmt]
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue(), CONTENT_TYPES[fmt]
+
+
+def normalize_format(fmt: str) -> str:
+    """`fmt` lower-cased if supported (`wav`, `flac`, `ogg`, `mp3`), else `UnsupportedFormatError`."""
+    value = fmt.lower().strip() if isinstance(fmt, str) else fmt
+    if value not in SUPPORTED_OUTPUT_FORMATS:
+        raise UnsupportedFormatError(
+            f"unsupported output format {fmt!r}; use one of {', '.join(SUPPORTED_OUTPUT_FORMATS)}")
+    return value
+
+
+async def decode_reference_async(source: str | os.PathLike[str] | bytes, target_sr: int, max_seconds: float,
+                                 **kwargs: float) -> np.ndarray:
+    return await asyncio.to_thread(decode_reference, source, target_sr, max_seconds, **kwargs)
+
+
+async def encode_async(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, str]:
+    return await asyncio.to_thread(encode, wav, sample_rate, fmt)
+
+
+def _check_header(rate: int, channels: int, frames: int, fmt: str, max_declared_seconds: float) -> None:
+    if fmt not in SUPPORTED_INPUT_FORMATS:
+        raise InvalidAudioError(
+            f"reference audio format {fmt} is not supported; use {', '.join(SUPPORTED_INPUT_FORMATS)}")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise InvalidAudioError(f"reference audio declares an implausible sample rate of {rate} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InvalidAudioError(f"reference audio declares an implausible {channels} channels")
+    if frames <= 0:
+        raise InvalidAudioError("reference audio has no samples")
+    if frames / rate > max_declared_seconds:
+        raise InvalidAudioError(
+            f"reference audio declares {frames / rate:.0f} s; at most {max_declared_seconds:g} s is accepted")
+
+
+def _read_mono(audio: sf.SoundFile, frames: int) -> np.ndarray:
+    """Read up to `frames` frames block by block, mixing each block to mono (memory: one mono buffer)."""
+    out = np.empty(frames, dtype=np.float32)
+    filled = 0
+    while filled < frames:
+        block = audio.read(min(_BLOCK_FRAMES, frames - filled), dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            break
+        out[filled: filled + block.shape[0]] = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+        filled += block.shape[0]
+    return out[:filled]
+
+
+def _resample(mono: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return mono.copy()
+    import torch
+    import torchaudio.functional as F
+
+    with torch.inference_mode():
+        tensor = torch.from_numpy(np.ascontiguousarray(mono)).unsqueeze(0)
+        return F.resample(tensor, orig_sr, target_sr).squeeze(0).numpy().copy()
+
+
+_UNHELPFUL = ("not recognised", "does not exist", "unspecified internal error", "not a regular file")
+
+
+def _libsndfile_reason(exc: sf.LibsndfileError) -> str:
+    detail = (getattr(exc, "error_string", "") or "").strip().rstrip(".")
+    base = "reference audio is not a valid WAV, FLAC, OGG/Vorbis or MP3 file"
+    if not detail or any(text in detail.lower() for text in _UNHELPFUL):
+        return base
+    return f"{base} ({detail})"

@@ -1,0 +1,163 @@
+"""The storage interface both backends implement, and `open_storage(config)` that picks one.
+
+    Storage.parse_ref_url(url)                 validate a caller's reference URL (no I/O)
+    Storage.download(url, dest_path, max_bytes) stream a reference to a file: gs:// via the backend, https via HTTP
+    Storage.upload(data, object_name, content_type)
+    Storage.signed_url(object_name, ttl_s)     a URL the caller can fetch: V4-signed (GCS) or file:// (local)
+    Storage.metadata(object_name)              size and content type of an object in the configured bucket
+    Storage.check()                            prove at start that the bucket is usable
+    Storage.close()
+
+Every network operation runs under `call_with_retries` (backoff with jitter on connection errors, 408, 429, 5xx;
+never on other 4xx). https references are fetched with the shared aiohttp session, without following redirects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from ._http import attempt_timeout, make_session, network_error, status_error, stream_to_file
+from .config import MAX_SIGNED_URL_TTL_S, StorageConfig
+from .errors import StorageInputError
+from .retry import RetryPolicy, call_with_retries
+from .urls import RefLocation, parse_ref_url, validate_object_name
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    name: str
+    size: int
+    content_type: str
+
+
+class Storage(ABC):
+    """One bucket (`config.bucket`) for writes; references from any allowed bucket or host."""
+
+    def __init__(self, config: StorageConfig, session: aiohttp.ClientSession | None = None) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self.policy = config.url_policy
+        self.retry_policy = RetryPolicy(
+            max_retries=config.max_retries, base_s=config.retry_base_s,
+            max_backoff_s=config.retry_max_backoff_s, deadline_s=config.retry_deadline_s)
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+
+    # -- validation (no I/O) -------------------------------------------------------------------------------
+    def parse_ref_url(self, url: str) -> RefLocation:
+        return parse_ref_url(url, self.policy)
+
+    # -- operations ----------------------------------------------------------------------------------------
+    async def download(self, url: str | RefLocation, dest_path: str | os.PathLike[str],
+                       max_bytes: int | None = None) -> int:
+        """Stream the reference at `url` into `dest_path` (created or truncated); return its size in bytes.
+        The caller owns `dest_path` (the cache passes a temp file and renames it when this returns)."""
+        location = url if isinstance(url, RefLocation) else self.parse_ref_url(url)
+        limit = self.config.max_ref_bytes if max_bytes is None else max_bytes
+        dest = Path(dest_path)
+        if location.scheme == "gs":
+            return await self._download_object(location, dest, limit)
+        return await call_with_retries(
+            lambda: self._download_url_once(location, dest, limit), self.retry_policy,
+            f"download of {location.display}")
+
+    @abstractmethod
+    async def _download_object(self, location: RefLocation, dest: Path, max_bytes: int) -> int:
+        """Fetch `gs://bucket/object` through this backend (with retries where the backend is remote)."""
+
+    @abstractmethod
+    async def upload(self, data: bytes, object_name: str, content_type: str) -> None:
+        """Write `data` to `object_name` in the configured bucket (replacing it)."""
+
+    @abstractmethod
+    async def signed_url(self, object_name: str, ttl_s: int | None = None) -> str:
+        """A URL for `object_name` valid `ttl_s` seconds (default `SIGNED_URL_TTL_S`)."""
+
+    @abstractmethod
+    async def metadata(self, object_name: str) -> ObjectInfo:
+        """Size and content type of `object_name` in the configured bucket."""
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Raise `StorageNotConfiguredError` (or `StorageUnavailableError`) if the bucket cannot be used."""
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+
+    async def __aenter__(self) -> Storage:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- helpers for subclasses ---------------------------------------------------------------------------
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = make_session(self.policy, self._trusted_hosts())
+        return self._session
+
+    def _trusted_hosts(self) -> frozenset[str]:
+        return frozenset()
+
+    def _check_ttl(self, ttl_s: int | None) -> int:
+        ttl = self.config.signed_url_ttl_s if ttl_s is None else ttl_s
+        if not isinstance(ttl, int) or not 1 <= ttl <= MAX_SIGNED_URL_TTL_S:
+            raise StorageInputError(f"ttl_s must be an integer in 1..{MAX_SIGNED_URL_TTL_S}, got {ttl!r}")
+        return ttl
+
+    @staticmethod
+    def _check_object_name(object_name: str) -> str:
+        return validate_object_name(object_name)
+
+    async def _download_url_once(self, location: RefLocation, dest: Path, max_bytes: int) -> int:
+        """One GET of an https (or, in tests, loopback http) reference URL, redirects not followed."""
+        assert location.fetch_url is not None
+        what = location.display
+        try:
+            async with self.session.get(
+                location.fetch_url, allow_redirects=False, timeout=attempt_timeout(self.config.timeout_s),
+            ) as resp:
+                if resp.status != 200:
+                    raise status_error(resp.status, what, reading=True, headers=resp.headers)
+                return await stream_to_file(resp, dest, max_bytes, what)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped, never re-raised with the signed URL inside
+            mapped = network_error(exc, what)
+            if mapped is exc:
+                raise
+            raise mapped from None
+
+
+async def open_storage(config: StorageConfig, session: aiohttp.ClientSession | None = None) -> Storage:
+    """Build the configured backend and, if `config.check_on_start`, prove the bucket is usable.
+
+    Pass `session` to share an aiohttp session you own (it is not closed by `Storage.close`)."""
+    if config.backend == "gcs":
+        from .gcs import GcsStorage
+
+        storage: Storage = GcsStorage(config, session)
+    else:
+        from .local import LocalStorage
+
+        storage = LocalStorage(config, session)
+    if config.check_on_start:
+        try:
+            await storage.check()
+        except BaseException:
+            await storage.close()
+            raise
+    return storage
