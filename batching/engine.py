@@ -112,7 +112,9 @@ def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
 
 
 class XttsEngine:
-    def __init__(self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None):
+    def __init__(
+        self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto"
+    ):
         self.model = model
         self.device = torch.device(device)
         self.demo = demo
@@ -137,13 +139,19 @@ class XttsEngine:
         self.gpt_cond_chunk_len = int(cfg.gpt_cond_chunk_len)
         self.max_ref_len = int(cfg.max_ref_len)
         self.sound_norm_refs = bool(cfg.sound_norm_refs)
+        if vocoder not in ("auto", "batched", "per_row"):
+            raise ValueError(f"XTTS_VOCODER_BATCHING must be auto, batched or per_row, got {vocoder!r}")
+        # Measured on a 2-core CPU: one row at a time is faster than a padded batch (bench/engine.py --vocoder).
+        self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
+        _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
 
     @classmethod
-    def load(cls, model_dir=None, model: str = "xtts_v2", device: str = "auto", gpt_dtype: str = "auto"):
+    def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto"):
         from batching import loading
 
         loaded = loading.load(model_dir, model=model, device=device)
-        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=_autocast_dtype(gpt_dtype, loaded.device))
+        dtype = _autocast_dtype(gpt_dtype, loaded.device)
+        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=dtype, vocoder=vocoder)
 
     # ---------------------------------------------------------------- text
 
@@ -325,15 +333,33 @@ class XttsEngine:
         return out_codes, out_latents
 
     def _vocode(self, latents: list[torch.Tensor], speakers: list[torch.Tensor], speeds: list[float]) -> list[np.ndarray]:
-        wavs = []
-        for lat, spk, speed in zip(latents, speakers, speeds, strict=True):
+        rows = []
+        for lat, speed in zip(latents, speeds, strict=True):
             lat = lat[None]  # [1, T, width]
             length_scale = 1.0 / max(speed, 0.05)
             if length_scale != 1.0 and math.floor(lat.shape[1] * length_scale) >= 1:
                 lat = F.interpolate(lat.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
-            wav = self.model.hifigan_decoder(lat, g=spk.to(self.device))
-            wavs.append(wav.float().cpu().squeeze().numpy().astype(np.float32, copy=False))
-        return wavs
+            rows.append(lat)
+        decoder = self.model.hifigan_decoder
+        if not self.vocoder_batched or len(rows) == 1:
+            wavs = [decoder(lat, g=spk.to(self.device)) for lat, spk in zip(rows, speakers, strict=True)]
+            return [_to_numpy(w) for w in wavs]
+        # One batch, each shorter row padded by repeating its last latent, and cut to the length it has alone.
+        # Only the last ~0.2 s of a padded row can differ from vocoding it alone (the convolutions see the
+        # padding instead of silence there).
+        t_max = max(lat.shape[1] for lat in rows)
+        batch = torch.cat([torch.cat([lat, lat[:, -1:].expand(1, t_max - lat.shape[1], -1)], 1) for lat in rows])
+        g = torch.cat([spk.to(self.device).reshape(1, -1, 1) for spk in speakers])
+        out = decoder(batch, g=g)
+        return [_to_numpy(out[i, :, : self.samples_for(lat.shape[1])]) for i, lat in enumerate(rows)]
+
+    def samples_for(self, n_latents: int) -> int:
+        """Waveform length HiFi-GAN gives for n latents (its two linear interpolations, then its hop)."""
+        decoder = self.model.hifigan_decoder
+        frames = math.floor(n_latents * (decoder.ar_mel_length_compression / decoder.output_hop_length))
+        if decoder.output_sample_rate != decoder.input_sample_rate:
+            frames = math.floor(frames * (decoder.output_sample_rate / decoder.input_sample_rate))
+        return frames * decoder.output_hop_length
 
     def _autocast(self):
         if self.gpt_dtype is None:
@@ -341,6 +367,20 @@ class XttsEngine:
 
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.gpt_dtype)
+
+
+def _to_numpy(wav: torch.Tensor) -> np.ndarray:
+    return wav.float().cpu().reshape(-1).numpy().astype(np.float32, copy=False)
+
+
+def _remove_weight_norm(module: torch.nn.Module) -> None:
+    """Fold HiFi-GAN's weight-norm parametrizations into plain weights, as coqui's vocoder loader does for
+    inference: the same output, without recomputing every weight at every call."""
+    from torch.nn.utils import parametrize
+
+    for m in module.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
 
 def _seed(seed: int | None) -> int:

@@ -12,6 +12,6 @@ if [ -z "${XTTS_MODEL_DIR:-}" ]; then
   [ -f "$XTTS_MODEL_DIR/DEMO.json" ] || "$py" -m batching.demo "$XTTS_MODEL_DIR" --size small
 fi
 ref="$root/.cache/reference-voice.wav"
-[ -f "$ref" ] || "$py" -c "import soundfile as sf; from tests.conftest import synthetic_voice; sf.write('$ref', synthetic_voice(6.0), 22050)"
+[ -f "$ref" ] || "$py" -c "import soundfile as sf; from bench.voices import synthetic_voice; sf.write('$ref', synthetic_voice(6.0), 22050)"
 exec "$py" -m batching.synthesize --model-dir "$XTTS_MODEL_DIR" --ref "$ref" --language pt \
   --text "Olá! Este é um exemplo de síntese de voz usando XTTS V2." -o "${OUTPUT:-output.wav}" "$@"
