@@ -84,7 +84,7 @@ class _Request:
         self.texts = segments
         self.audio: list[SegmentAudio | None] = [None] * len(segments)
         self.future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.submitted_at = now
+        self.submitted_at = now  # when its segments joined the queue (after text preparation and latents)
         self.first_batch_at: float | None = None
         self.engine_s = 0.0
         self.batch_sizes: list[int] = []
@@ -179,11 +179,10 @@ class Scheduler:
     async def submit(self, req: SynthesisRequest) -> SynthesisResult:
         if self._closed:
             raise SchedulerClosedError("the worker is shutting down; retry the job")
-        submitted = self.clock()
         segments = await asyncio.to_thread(self.engine.prepare_text, req.text, req.language)
         t0 = time.perf_counter()
         voice, hit = await self.latents.get(req.voice_key, lambda: self._condition(req))
-        request = _Request(req, segments, voice, submitted)
+        request = _Request(req, segments, voice, self.clock())
         request.latent_hit = hit
         request.conditioning_s = 0.0 if hit else time.perf_counter() - t0
         self.observer.conditioning_done(request.conditioning_s, hit)

@@ -1,0 +1,161 @@
+"""`python -m server`: start the worker.
+
+    config (once, from the environment) -> logging -> metrics endpoint -> storage check -> engine loaded and
+    warmed up -> runpod.serverless.start(async handler, concurrency_modifier)
+
+Everything that can fail at start fails here, before a job is taken, with a message that names the cause
+(a bad variable, "GCS not configured correctly: ...", "XTTS V2 model is not loaded: ..."), and exit code 2.
+RunPod's own flags pass through to the SDK: `--rp_serve_api` (local test API), `--test_input '{...}'`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("server")
+
+EXIT_CONFIG = 2
+EXIT_FATAL_ENGINE = 70  # the GPU is unusable: RunPod replaces the worker
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    # The SDK logs every job's input and output at DEBUG (signed URLs included): keep it at INFO or above.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO" if level == "DEBUG" else level)
+
+
+def _prepare_sdk_environment() -> None:
+    """Offline-friendly SDK defaults; RunPod's platform sets the variables that matter in production."""
+    os.environ.setdefault("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true")
+    os.environ.setdefault("RUNPOD_SKIP_GPU_CHECK", "true")
+
+
+def load_engine(config):
+    """Load the model and warm it up (first conditioning and one short batch), so the first job is not slow."""
+    from batching import XttsEngine
+    from batching.engine import SamplingParams, Segment
+    from bench.voices import synthetic_voice
+
+    started = time.perf_counter()
+    engine = XttsEngine.load(
+        config.model_dir, model=config.model, device=config.device,
+        gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching,
+    )  # fmt: skip
+    voice = engine.condition(synthetic_voice(2.0, sr=engine.input_sample_rate), engine.input_sample_rate)
+    tokens = engine.tokenize("Warm up.", "en")
+    engine.generate([Segment(tokens, 8, voice, SamplingParams(seed=0))] * min(2, config.max_batch_size))
+    log.info("engine ready on %s in %.1f s (%s)", engine.device, time.perf_counter() - started,
+             "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2")  # fmt: skip
+    return engine
+
+
+async def check_storage(storage_config) -> None:
+    from storage import open_storage
+
+    storage = await open_storage(storage_config)
+    await storage.close()
+
+
+def make_context_builder(config, engine, metrics):
+    """The handler context is built inside the SDK's event loop, on the first job (see server.handler)."""
+
+    async def build():
+        from batching import LatentCache, Scheduler, model_fingerprint
+        from server.handler import HandlerContext
+        from server.metrics import SchedulerMetrics
+        from storage import ReferenceCache, open_storage
+
+        storage_config = config.storage
+        storage = await open_storage(storage_config)
+        references = ReferenceCache(storage_config.cache_dir, storage_config.cache_max_bytes, storage,
+                                    max_ref_bytes=storage_config.max_ref_bytes)  # fmt: skip
+        model_id = model_fingerprint(config.model_dir) if config.model_dir else config.model
+        latents = LatentCache(config.latent_cache_size, config.latent_cache_dir, model_id,
+                              disk_max_entries=config.latent_cache_disk_entries)  # fmt: skip
+        scheduler = Scheduler(
+            engine, latents,
+            max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
+            observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
+        )  # fmt: skip
+        await scheduler.start()
+        return HandlerContext(
+            config=config, storage=storage, references=references, scheduler=scheduler, metrics=metrics,
+            reference_sample_rate=engine.input_sample_rate, max_reference_s=float(engine.max_ref_len),
+        )  # fmt: skip
+
+    return build
+
+
+def _exit_on_fatal(error: BaseException) -> None:
+    log.critical("fatal engine error, exiting so that RunPod replaces this worker: %s", error)
+    logging.shutdown()
+    os._exit(EXIT_FATAL_ENGINE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from server.config import ConfigError, WorkerConfig
+
+    try:
+        config = WorkerConfig.from_env(os.environ)
+    except Exception as exc:  # ConfigError, or storage's "GCS not configured correctly: ..."
+        logging.basicConfig(level="INFO", stream=sys.stderr)
+        log.error("invalid configuration: %s", exc)
+        return EXIT_CONFIG
+    _setup_logging(config.log_level)
+    for note in config.advisories():
+        log.warning("%s", note)
+    log.info("configuration: %s", config.summary())
+
+    import uvloop
+    from prometheus_client import CollectorRegistry
+
+    from batching import EngineError
+    from server.handler import make_concurrency_modifier, make_handler
+    from server.metrics import Metrics, start_metrics_server
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    if config.metrics_port:
+        start_metrics_server(config.metrics_port, registry)
+        log.info("Prometheus metrics on port %d", config.metrics_port)
+
+    try:
+        asyncio.run(check_storage(config.storage))
+        engine = load_engine(config)
+    except (EngineError, ConfigError) as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    except Exception as exc:
+        if getattr(exc, "error_code", None):  # storage's configuration and access errors
+            log.error("%s", exc)
+            return EXIT_CONFIG
+        raise
+    metrics.update_gpu_memory()
+
+    _prepare_sdk_environment()
+    uvloop.install()
+    import runpod  # after the environment is set: the SDK reads it at import
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    runpod.serverless.start(
+        {
+            "handler": make_handler(make_context_builder(config, engine, metrics)),
+            "concurrency_modifier": make_concurrency_modifier(config.max_concurrency),
+        }
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

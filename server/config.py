@@ -1,0 +1,246 @@
+"""The worker's configuration: ONE frozen object, built once from the environment, passed down.
+
+Every variable is read and validated here and nowhere else. A bad value stops the worker at start with a message
+that names the variable and the value (`MAX_CONCURRENCY must be an integer >= 1, got '0'`). An empty value counts
+as unset (RunPod's console keeps empty rows). Storage variables belong to `storage.config.StorageConfig`, which
+`from_env` builds too, so the whole worker has one configuration object.
+
+Variables read here (defaults in brackets):
+
+    XTTS_MODEL_DIR        checkpoint folder (config.json, model.pth, vocab.json)   [unset: the released model]
+    XTTS_MODEL            released model to load when XTTS_MODEL_DIR is unset      [xtts_v2]
+    XTTS_DEVICE           cuda | cuda:N | cpu | auto                                [auto]
+    XTTS_GPT_DTYPE        auto | float32 | float16 | bfloat16 (GPT decoder weights) [auto]
+    MAX_CONCURRENCY       jobs the RunPod SDK runs at once (concurrency_modifier)  [32]
+    MAX_BATCH_SIZE        most rows in one GPU batch                                [8]
+    BATCH_WAIT_MS         longest wait for company before a batch runs              [15]
+    LATENT_CACHE_SIZE     speaker latents kept in memory (voices)                   [256]
+    LATENT_CACHE_DIR      speaker latents persisted on disk ('' = off)             [/tmp/latent_cache]
+    LATENT_CACHE_DISK_ENTRIES  most latent files kept on disk                       [2000]
+    XTTS_VOCODER_BATCHING auto | batched | per_row (auto: batched on CUDA)          [auto]
+    MAX_TEXT_CHARS        longest gen_text accepted                                 [5000]
+    JOB_TIMEOUT_S         a job still unfinished after this fails                   [600]
+    METRICS_PORT          Prometheus endpoint port; 0 turns it off                  [9090]
+    LOG_LEVEL             DEBUG | INFO | WARNING | ERROR | CRITICAL                 [INFO]
+    DEFAULT_LANGUAGE      language when a job names none                            [pt]
+    DEFAULT_OUTPUT_FORMAT wav | flac | ogg | mp3 when a job names none              [wav]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+GPT_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
+# batching.loading.RELEASED_MODELS holds the same names; it is not imported here because it pulls in torch.
+RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
+
+# Why MAX_CONCURRENCY defaults to 4x MAX_BATCH_SIZE: the RunPod SDK (runpod 1.12, JobScaler.get_jobs) takes new
+# jobs only while fewer than `concurrency` are in flight, and when every slot is busy it sleeps a full second
+# before it looks again. With concurrency close to the batch size, a finished batch frees its slots and the GPU
+# then idles for up to that second (plus one job-take round trip) before the next batch can form. With several
+# batches' worth of jobs held by the worker, the scheduler always has a full queue to drain while the SDK refills
+# slots in the background; the jobs merely waiting cost only memory (their text and a future).
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_CONCURRENCY = 32
+
+
+class ConfigError(ValueError):
+    """A variable has a value the worker cannot run with. The message names the variable and the value."""
+
+    error_code = "invalid_config"
+    retryable = False
+
+
+def _shown(value: str) -> str:
+    """The bad value as it goes into a message: quoted, and cut short so a pasted blob cannot flood the log."""
+    return repr(value if len(value) <= 80 else value[:77] + "...")
+
+
+class _Reader:
+    """Reads and checks one variable at a time; empty values count as unset."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self._env = env
+
+    def raw(self, name: str) -> str | None:
+        value = self._env.get(name)
+        if value is None or not str(value).strip():
+            return None
+        return str(value).strip()
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        rule = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}") from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}")
+        return number
+
+    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
+        value = self.raw(name)
+        if value is None:
+            return default
+        rule = f"a number {'>' if exclusive else '>='} {minimum:g}"
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}") from None
+        if not math.isfinite(number) or number < minimum or (exclusive and number == minimum):
+            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}")
+        return number
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
+        value = self.raw(name)
+        if value is None:
+            return default
+        canonical = value.upper() if upper else value.lower()
+        if canonical not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
+        return canonical
+
+
+def _device(reader: _Reader) -> str:
+    value = reader.raw("XTTS_DEVICE")
+    if value is None:
+        return "auto"
+    canonical = value.lower()
+    if canonical in DEVICES:
+        return canonical
+    if canonical.startswith("cuda:") and canonical[5:].isdigit():
+        return canonical
+    raise ConfigError(f"XTTS_DEVICE must be one of cuda, cuda:N, cpu, auto, got {_shown(value)}")
+
+
+def _language(reader: _Reader) -> str:
+    from batching.languages import SUPPORTED_LANGUAGES, normalize_language
+
+    value = reader.raw("DEFAULT_LANGUAGE")
+    if value is None:
+        return "pt"
+    try:
+        return normalize_language(value)
+    except Exception:  # batching's UnsupportedLanguageError: restate it in the variable's terms
+        raise ConfigError(
+            f"DEFAULT_LANGUAGE must be one of {', '.join(SUPPORTED_LANGUAGES)}, got {_shown(value)}"
+        ) from None
+
+
+def _log_level(reader: _Reader) -> str:
+    value = reader.raw("LOG_LEVEL")
+    if value is not None and value.upper() == "WARN":
+        return "WARNING"
+    return reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True)
+
+
+def _storage_from_env(env: Mapping[str, str]) -> Any:
+    # Imported here, not at the top: storage owns its variables (and its secrets); this module only asks it to
+    # build its part. Its errors name its variables and are raised as they are.
+    from storage.config import StorageConfig
+
+    return StorageConfig.from_env(env)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker reads from its environment. Build it with `WorkerConfig.from_env(os.environ)`."""
+
+    model_dir: str | None = None
+    model: str = "xtts_v2"
+    device: str = "auto"
+    gpt_dtype: str = "auto"
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_ms: float = 15.0
+    latent_cache_size: int = 256
+    latent_cache_dir: str | None = "/tmp/latent_cache"
+    latent_cache_disk_entries: int = 2000
+    vocoder_batching: str = "auto"
+    max_text_chars: int = 5000
+    job_timeout_s: float = 600.0
+    metrics_port: int = 9090
+    log_level: str = "INFO"
+    default_language: str = "pt"
+    default_output_format: str = "wav"
+    # StorageConfig may hold credentials: it never appears in this object's repr.
+    storage: Any = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str],
+        *,
+        storage_from_env: Callable[[Mapping[str, str]], Any] | None = None,
+    ) -> WorkerConfig:
+        """Validate every variable and build the config; raise ConfigError naming the first bad one.
+
+        `storage_from_env` replaces `storage.config.StorageConfig.from_env` (tests of the server side only).
+        """
+        read = _Reader(env)
+        model = read.raw("XTTS_MODEL") or "xtts_v2"
+        if model not in RELEASED_MODEL_NAMES:
+            raise ConfigError(f"XTTS_MODEL must be one of {', '.join(RELEASED_MODEL_NAMES)}, got {_shown(model)}")
+        config = cls(
+            model_dir=read.raw("XTTS_MODEL_DIR"),
+            model=model,
+            device=_device(read),
+            gpt_dtype=read.choice("XTTS_GPT_DTYPE", "auto", GPT_DTYPES),
+            max_concurrency=read.integer("MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, minimum=1),
+            max_batch_size=read.integer("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
+            batch_wait_ms=read.number("BATCH_WAIT_MS", 15.0, minimum=0.0),
+            latent_cache_size=read.integer("LATENT_CACHE_SIZE", 256, minimum=1),
+            latent_cache_dir=env.get("LATENT_CACHE_DIR", "/tmp/latent_cache").strip() or None,
+            latent_cache_disk_entries=read.integer("LATENT_CACHE_DISK_ENTRIES", 2000, minimum=1),
+            vocoder_batching=read.choice("XTTS_VOCODER_BATCHING", "auto", VOCODER_MODES),
+            max_text_chars=read.integer("MAX_TEXT_CHARS", 5000, minimum=1),
+            job_timeout_s=read.number("JOB_TIMEOUT_S", 600.0, minimum=0.0, exclusive=True),
+            metrics_port=read.integer("METRICS_PORT", 9090, minimum=0, maximum=65535),
+            log_level=_log_level(read),
+            default_language=_language(read),
+            default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", OUTPUT_FORMATS),
+        )
+        storage = (storage_from_env or _storage_from_env)(env)
+        return replace(config, storage=storage)
+
+    def advisories(self) -> list[str]:
+        """Settings that are valid but probably not what the operator wants; the worker logs them at start."""
+        notes = []
+        if self.max_concurrency < 2 * self.max_batch_size:
+            notes.append(
+                f"MAX_CONCURRENCY={self.max_concurrency} is less than twice MAX_BATCH_SIZE={self.max_batch_size}: "
+                "the RunPod SDK pauses 1 s whenever every slot is busy, so the GPU will idle between batches"
+            )
+        return notes
+
+    def summary(self) -> dict[str, Any]:
+        """The server-side settings as a dict for the start-up log (no storage settings, so no secrets)."""
+        return {
+            "model_dir": self.model_dir,
+            "model": self.model,
+            "device": self.device,
+            "gpt_dtype": self.gpt_dtype,
+            "max_concurrency": self.max_concurrency,
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_ms": self.batch_wait_ms,
+            "latent_cache_size": self.latent_cache_size,
+            "latent_cache_dir": self.latent_cache_dir,
+            "vocoder_batching": self.vocoder_batching,
+            "max_text_chars": self.max_text_chars,
+            "job_timeout_s": self.job_timeout_s,
+            "metrics_port": self.metrics_port,
+            "log_level": self.log_level,
+            "default_language": self.default_language,
+            "default_output_format": self.default_output_format,
+        }
+

@@ -1,0 +1,281 @@
+"""The async RunPod handler: one job from input to the seed's response.
+
+    validate (server.validation) -> reference audio (storage.ReferenceCache: disk cache, single-flight download)
+    -> synthesis (batching.Scheduler: latent cache, batched GPU decoding) -> encode (thread) -> upload + signed
+    URL (storage.store_result) -> {"audio_url", "duration", "voice_id", "language", "generation_time",
+    "parameters", ...}
+
+Every failure becomes `{"error", "error_code"[, "retryable"]}` through `server.validation.error_output`, the one
+place that does so; the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout) arrives here as a
+CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU time.
+
+Logs, one line per step, each with the job id: the text's start, voice, language, parameters, cache hits,
+times, the stored object's name. Never a reference URL's query (signatures) nor a result's signed URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from batching import InputError, SamplingParams, SynthesisRequest
+from server.config import WorkerConfig
+from server.metrics import Metrics
+from server.validation import TTSRequest, ValidationError, error_output, validate_request
+from storage import StorageInputError, decode_reference_async, encode_async, store_result
+from storage.errors import InvalidAudioError
+from storage.urls import redact_url
+
+log = logging.getLogger("server.handler")
+
+TEXT_PREVIEW_CHARS = 60
+
+
+class JobTimeoutError(Exception):
+    """The whole job outlasted JOB_TIMEOUT_S (download, queue, generation and upload together)."""
+
+    error_code = "job_timeout"
+    retryable = True
+
+
+@dataclass
+class HandlerContext:
+    """What a handler needs, built once by `python -m server` after the engine is loaded and warm."""
+
+    config: WorkerConfig
+    storage: Any  # storage.Storage
+    references: Any  # storage.ReferenceCache
+    scheduler: Any  # batching.Scheduler (submit + clock)
+    metrics: Metrics | None
+    reference_sample_rate: int  # the engine's input rate (XTTS: 22050 Hz)
+    max_reference_s: float  # the engine uses at most this much of a reference (XTTS: max_ref_len, 30 s)
+    clock: Callable[[], float] = time.perf_counter
+
+
+def _preview(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= TEXT_PREVIEW_CHARS else flat[: TEXT_PREVIEW_CHARS - 3] + "..."
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    return isinstance(exc, ValidationError | StorageInputError | InputError)
+
+
+class TTSHandler:
+    """Callable as the RunPod handler: `await handler(job)` returns the job's output dict."""
+
+    def __init__(self, context: HandlerContext):
+        self.ctx = context
+
+    async def __call__(self, job: dict) -> dict:
+        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
+        jlog = logging.LoggerAdapter(log, {"job_id": job_id})
+        ctx = self.ctx
+        started = ctx.clock()
+        language = "unknown"
+        if ctx.metrics:
+            ctx.metrics.jobs_in_flight.inc()
+        try:
+            request = validate_request(
+                job.get("input") if isinstance(job, dict) else None,
+                max_text_chars=ctx.config.max_text_chars,
+                default_language=ctx.config.default_language,
+                default_output_format=ctx.config.default_output_format,
+            )
+            language = request.language
+            scope = asyncio.timeout(ctx.config.job_timeout_s)
+            try:
+                async with scope:
+                    output = await self._run(job_id, request, jlog, started)
+            except TimeoutError:
+                if not scope.expired():
+                    raise  # a timeout from inside (storage, engine): handled below like any error
+                raise JobTimeoutError(
+                    f"job did not finish within JOB_TIMEOUT_S={ctx.config.job_timeout_s:g} s"
+                ) from None
+            self._record("completed", language, started)
+            return output
+        except asyncio.CancelledError:
+            # RunPod stopped the job (cancel or its own timeout): nothing is returned to anyone.
+            jlog.info("[%s] job stopped by RunPod after %.2f s", job_id, ctx.clock() - started)
+            self._record("cancelled", language, started)
+            raise
+        except Exception as exc:  # every other failure becomes an error output, here and nowhere else
+            return self._fail(job_id, jlog, exc, language, started)
+        finally:
+            if ctx.metrics:
+                ctx.metrics.jobs_in_flight.dec()
+
+    async def _run(self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float) -> dict:
+        ctx, metrics = self.ctx, self.ctx.metrics
+        params = request.parameters()
+        jlog.info("[%s] === new request ===", job_id)
+        jlog.info("[%s] text: %s (%d chars)", job_id, _preview(request.gen_text), len(request.gen_text))
+        jlog.info(
+            "[%s] voice_id: %s | language: %s | format: %s | reference: %s",
+            job_id, request.voice_id, request.language, request.output_format, redact_url(request.ref_audio_url),
+        )  # fmt: skip
+        jlog.info(
+            "[%s] parameters: temp=%s, speed=%s, top_k=%s, top_p=%s, repetition_penalty=%s, seed=%s",
+            job_id, params["temperature"], params["speed"], params["top_k"], params["top_p"],
+            request.repetition_penalty, request.seed,
+        )  # fmt: skip
+
+        t0 = ctx.clock()
+        reference = await ctx.references.get(request.voice_id, request.ref_audio_url)
+        download_s = ctx.clock() - t0
+        if metrics:
+            metrics.record_cache("reference_audio", reference.hit)
+            metrics.cache_bytes.labels(cache="reference_audio").set(ctx.references.bytes)
+            if not reference.hit:
+                metrics.observe_stage("download", download_s)
+        if reference.hit:
+            jlog.info("[%s] reference audio in cache: %s (%d bytes)", job_id, request.voice_id, reference.size)
+        else:
+            jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
+
+        async def load_reference():
+            # Called by the scheduler only when the voice's latents are not cached.
+            try:
+                wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
+            except InvalidAudioError:
+                ctx.references.discard(request.voice_id, request.ref_audio_url)  # fetch afresh next time
+                raise
+            return wav, ctx.reference_sample_rate
+
+        scheduler = ctx.scheduler
+        remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
+        synthesis = SynthesisRequest(
+            text=request.gen_text,
+            language=request.language,
+            voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents
+            load_reference=load_reference,
+            params=SamplingParams(
+                temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                repetition_penalty=request.repetition_penalty, speed=request.speed, seed=request.seed,
+            ),  # fmt: skip
+            request_id=job_id,
+            deadline=scheduler.clock() + max(0.0, remaining_s),
+        )
+        jlog.info("[%s] generating audio with XTTS v2...", job_id)
+        t0 = ctx.clock()
+        result = await scheduler.submit(synthesis)
+        generation_s = ctx.clock() - t0
+        if metrics:
+            metrics.observe_stage("queue_wait", result.queue_wait_s)
+            metrics.observe_stage("generation", result.engine_s)
+            metrics.record_audio(result.duration_s, result.engine_s)
+        jlog.info(
+            "[%s] audio generated in %.2f s: %.2f s of audio (queue %.2f s, conditioning %.2f s, latents %s, "
+            "batch sizes %s)",
+            job_id, generation_s, result.duration_s, result.queue_wait_s, result.conditioning_s,
+            "cached" if result.latent_cache_hit else "computed", list(result.batch_sizes),
+        )  # fmt: skip
+
+        t0 = ctx.clock()
+        data, _content_type = await encode_async(result.wav, result.sample_rate, request.output_format)
+        encode_s = ctx.clock() - t0
+        jlog.info("[%s] uploading %d bytes of %s...", job_id, len(data), request.output_format)
+        t0 = ctx.clock()
+        stored = await store_result(ctx.storage, request.voice_id, data, request.output_format)
+        upload_s = ctx.clock() - t0
+        if metrics:
+            metrics.observe_stage("encode", encode_s)
+            metrics.observe_stage("upload", upload_s)
+        jlog.info("[%s] upload done: %s (%.2f s)", job_id, stored.object_name, upload_s)
+
+        total_s = ctx.clock() - started
+        jlog.info("[%s] ✓ success: duration %.2f s, total %.2f s", job_id, result.duration_s, total_s)
+        return {
+            # The seed's response, field for field.
+            "audio_url": stored.url,
+            "duration": round(result.duration_s, 2),
+            "voice_id": request.voice_id,
+            "language": request.language,
+            "generation_time": round(generation_s, 2),
+            "parameters": params,
+            # Additions: what the worker did for this job.
+            "output_format": request.output_format,
+            "object_name": stored.object_name,
+            "reference_cache_hit": reference.hit,
+            "latent_cache_hit": result.latent_cache_hit,
+            "queue_wait": round(result.queue_wait_s, 3),
+            "batch_size": max(result.batch_sizes, default=1),
+            "segments": result.segments,
+            "total_time": round(total_s, 2),
+        }
+
+    def _fail(
+        self, job_id: str, jlog: logging.LoggerAdapter, exc: BaseException, language: str, started: float
+    ) -> dict:
+        output = error_output(exc)
+        client = _is_client_error(exc)
+        if hasattr(exc, "error_code"):
+            jlog.warning("[%s] ✗ %s: %s", job_id, output["error_code"], output["error"])
+        else:
+            jlog.error("[%s] ✗ unexpected %s", job_id, type(exc).__name__, exc_info=exc)
+        self._record("invalid" if client else "failed", language, started)
+        return output
+
+    def _record(self, status: str, language: str, started: float) -> None:
+        if self.ctx.metrics:
+            self.ctx.metrics.record_job(status, language, self.ctx.clock() - started)
+
+
+class LazyHandler:
+    """A TTSHandler whose context is built on the first job, inside the event loop that runs the jobs.
+
+    The RunPod SDK runs handlers in an event loop of its own (`asyncio.run` in JobScaler.start; uvicorn's loop
+    under --rp_serve_api; another `asyncio.run` under --test_input). Anything bound to a loop (the scheduler's
+    task, aiohttp sessions, asyncio events and locks) must therefore be created there, not before
+    `runpod.serverless.start`. Load and warm the model before start; build the rest here. Concurrent first jobs
+    wait for one build; a failed build answers that job with its error and is tried again by the next job.
+    """
+
+    def __init__(self, build: Callable[[], Awaitable[HandlerContext]]):
+        self._build = build
+        self._handler: TTSHandler | None = None
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self, job: dict) -> dict:
+        if self._handler is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._handler is None:
+                    try:
+                        self._handler = TTSHandler(await self._build())
+                    except Exception as exc:
+                        log.error("worker set-up failed: %s", type(exc).__name__, exc_info=exc)
+                        return error_output(exc)
+        return await self._handler(job)
+
+
+def make_concurrency_modifier(max_concurrency: int) -> Callable[[int], int]:
+    """The SDK's concurrency_modifier: always MAX_CONCURRENCY. It must be constant: when its answer changes, the
+    SDK (JobScaler.set_scale) waits for every job in flight to finish before resizing, stalling the worker."""
+
+    def concurrency_modifier(current: int) -> int:
+        return max_concurrency
+
+    return concurrency_modifier
+
+
+def make_handler(
+    context: HandlerContext | Callable[[], Awaitable[HandlerContext]],
+) -> Callable[[dict], Awaitable[dict]]:
+    """The function to pass as runpod.serverless.start({"handler": ...}): a plain async function, so the SDK
+    (which inspects it to tell generators from coroutines) treats it as an ordinary async handler.
+
+    Pass a HandlerContext, or an async function that builds one on the first job (see LazyHandler: the way
+    `python -m server` should do it, since the SDK runs jobs in an event loop it creates itself)."""
+    handler = TTSHandler(context) if isinstance(context, HandlerContext) else LazyHandler(context)
+
+    async def handle(job: dict) -> dict:
+        return await handler(job)
+
+    return handle

@@ -1,0 +1,273 @@
+"""server.handler: one job from input to the seed's response, on real storage (local backend, real reference
+cache, real encoding). The GPU side is the real Scheduler with the tiny demo engine in the end-to-end test, and a
+hand-written scheduler where a test needs a failure, a hang or a cancellation on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import soundfile as sf
+from prometheus_client import CollectorRegistry
+
+from batching import LatentCache, Scheduler, SynthesisResult
+from batching.errors import BatchError
+from server.config import WorkerConfig
+from server.handler import HandlerContext, make_handler
+from server.metrics import Metrics, SchedulerMetrics
+from storage import ReferenceCache, StorageConfig, open_storage
+from tests.conftest import synthetic_voice
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_KEYS = {"audio_url", "duration", "voice_id", "language", "generation_time", "parameters"}
+EXTRA_KEYS = {
+    "output_format", "object_name", "reference_cache_hit", "latent_cache_hit", "queue_wait", "batch_size",
+    "segments", "total_time",
+}  # fmt: skip
+REF_URL = "gs://local/referencias/voz_joao.wav"
+
+
+def seed_input(**changes) -> dict:
+    job_input = json.loads((REPO / "test_input.json").read_text(encoding="utf-8"))["input"]
+    return {**job_input, "ref_audio_url": REF_URL, **changes}
+
+
+class ScriptedScheduler:
+    """Stands in for batching.Scheduler where a test needs to decide what `submit` does."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, behaviour="ok"):
+        self.behaviour = behaviour
+        self.requests = []
+        self.cancelled = []
+        self.waiting = asyncio.Event()  # set once a "hang" submit is parked, as a queued request would be
+
+    async def submit(self, request):
+        self.requests.append(request)
+        wav, sr = await request.load_reference()  # the real decode of the cached reference
+        if isinstance(self.behaviour, BaseException):
+            raise self.behaviour
+        if self.behaviour == "hang":
+            self.waiting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.append(request.request_id)
+                raise
+        out = np.sin(np.arange(24000, dtype=np.float32) / 10) * 0.3
+        return SynthesisResult(
+            wav=out, sample_rate=24000, duration_s=1.0, segments=1, queue_wait_s=0.01, engine_s=0.5,
+            conditioning_s=0.2, latent_cache_hit=False, batch_sizes=(3,),
+        )  # fmt: skip
+
+
+@pytest.fixture
+async def world(tmp_path):
+    """Real local storage with the seed's reference voice in it, a reference cache and metrics."""
+    storage_config = StorageConfig.from_env(
+        {"LOCAL_STORAGE_DIR": str(tmp_path / "objects"), "AUDIO_CACHE_DIR": str(tmp_path / "cache")}
+    )
+    reference = tmp_path / "objects" / "local" / "referencias" / "voz_joao.wav"
+    reference.parent.mkdir(parents=True)
+    sf.write(reference, synthetic_voice(seconds=3.0), 22050)
+    storage = await open_storage(storage_config)
+    references = ReferenceCache(storage_config.cache_dir, storage_config.cache_max_bytes, storage)
+    metrics = Metrics(CollectorRegistry())
+
+    def context_for(scheduler, **config_changes):
+        config = WorkerConfig(storage=storage_config, **config_changes)
+        return HandlerContext(
+            config=config, storage=storage, references=references, scheduler=scheduler, metrics=metrics,
+            reference_sample_rate=22050, max_reference_s=30.0,
+        )  # fmt: skip
+
+    def handler_for(scheduler, **config_changes):
+        return make_handler(context_for(scheduler, **config_changes))
+
+    handler_for.context_for = context_for
+
+    yield {"storage": storage, "references": references, "metrics": metrics, "handler_for": handler_for,
+           "reference": reference}  # fmt: skip
+    await references.close()
+    await storage.close()
+
+
+def sample(world, name, **labels):
+    return world["metrics"].registry.get_sample_value(name, labels)
+
+
+def decoded_duration(audio_url: str) -> float:
+    path = Path(urlsplit(audio_url).path)
+    info = sf.info(io.BytesIO(path.read_bytes()))
+    return info.frames / info.samplerate
+
+
+async def test_seed_example_end_to_end_on_the_demo_engine(world, tiny_engine, caplog):
+    caplog.set_level(logging.INFO, logger="server.handler")
+    metrics = world["metrics"]
+    scheduler = Scheduler(
+        tiny_engine, LatentCache(8, None, "tiny"), max_batch_size=4, batch_wait_s=0.05,
+        observer=SchedulerMetrics(metrics),
+    )  # fmt: skip
+    await scheduler.start()
+    handler = world["handler_for"](scheduler)
+    try:
+        # Two jobs of one new voice at once (one download, one conditioning), then one more of the same voice.
+        first, second = await asyncio.gather(
+            handler({"id": "job-a", "input": seed_input(gen_text="Olá!")}),
+            handler({"id": "job-b", "input": seed_input(gen_text="Tudo bem?", output_format="flac")}),
+        )
+        third = await handler({"id": "job-c", "input": seed_input(gen_text="Até logo.")})
+    finally:
+        await scheduler.close()
+
+    for output in (first, second, third):
+        assert set(output) == SEED_KEYS | EXTRA_KEYS, output
+        assert output["parameters"] == {"temperature": 0.7, "speed": 1.0, "top_k": 50, "top_p": 0.85}
+        assert (output["voice_id"], output["language"]) == ("joao_formal", "pt")
+        assert output["duration"] > 0 and output["generation_time"] >= 0
+        assert abs(decoded_duration(output["audio_url"]) - output["duration"]) < 0.02
+        assert output["object_name"].startswith("generated/joao_formal_")
+    assert (first["output_format"], second["output_format"]) == ("wav", "flac")
+    assert second["object_name"].endswith(".flac")
+    assert third["reference_cache_hit"] and third["latent_cache_hit"]
+    assert [first["latent_cache_hit"], second["latent_cache_hit"]].count(False) >= 1
+
+    assert sample(world, "xtts_jobs_total", status="completed", language="pt") == 3
+    assert sample(world, "xtts_cache_hits_total", cache="reference_audio") >= 1
+    assert sample(world, "xtts_cache_misses_total", cache="latents") == 1  # conditioning ran once
+    assert sample(world, "xtts_stage_duration_seconds_count", stage="upload") == 3
+    assert sample(world, "xtts_jobs_in_flight") == 0 and sample(world, "xtts_queue_depth_requests") == 0
+    assert sample(world, "xtts_audio_generated_seconds_total") > 0
+
+    # Logs: each line names its job; no result URL appears.
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.handler"]
+    assert lines and all(any(f"[{j}]" in line for j in ("job-a", "job-b", "job-c")) for line in lines)
+    assert any("text: Até logo." in line for line in lines)
+    assert not any(output["audio_url"] in line for output in (first, second, third) for line in lines)
+
+
+async def test_output_carries_the_request_to_the_scheduler(world):
+    scheduler = ScriptedScheduler()
+    output = await world["handler_for"](scheduler)(
+        {"id": "job-1", "input": seed_input(top_k=40, seed=7, repetition_penalty=2.0, speed=1.5)}
+    )
+    assert set(output) == SEED_KEYS | EXTRA_KEYS
+    assert (output["batch_size"], output["duration"], output["reference_cache_hit"]) == (3, 1.0, False)
+    (request,) = scheduler.requests
+    assert request.text == "Olá! Este é um exemplo de síntese de voz usando XTTS V2."
+    assert (request.language, request.request_id) == ("pt", "job-1")
+    assert (request.params.top_k, request.params.seed, request.params.speed) == (40, 7, 1.5)
+    assert (request.params.temperature, request.params.top_p, request.params.repetition_penalty) == (0.7, 0.85, 2.0)
+    # The latent cache is keyed by the reference's content, not its name.
+    assert request.voice_key == (await world["references"].get("joao_formal", REF_URL)).sha256[:64]
+    assert request.deadline is not None and request.deadline > time.monotonic()
+
+
+async def test_invalid_input_is_answered_before_any_work(world):
+    scheduler = ScriptedScheduler()
+    output = await world["handler_for"](scheduler)({"id": "job-2", "input": seed_input(top_k=True)})
+    assert output == {"error": "top_k must be an integer, got a boolean", "error_code": "invalid_type"}
+    assert scheduler.requests == [] and world["references"].entries == 0
+    assert sample(world, "xtts_jobs_total", status="invalid", language="unknown") == 1
+    assert sample(world, "xtts_jobs_in_flight") == 0
+
+
+async def test_a_missing_reference_is_the_callers_error(world):
+    output = await world["handler_for"](ScriptedScheduler())(
+        {"id": "job-3", "input": seed_input(ref_audio_url="gs://local/referencias/nao_existe.wav")}
+    )
+    assert output["error_code"] == "ref_audio_not_found" and "retryable" not in output
+    assert "gs://local/referencias/nao_existe.wav" in output["error"]
+    assert sample(world, "xtts_jobs_total", status="invalid", language="pt") == 1
+
+
+async def test_a_reference_that_is_not_audio_is_refused_and_dropped_from_the_cache(world):
+    world["reference"].write_bytes(b"not audio at all" * 100)
+    output = await world["handler_for"](ScriptedScheduler())({"id": "job-4", "input": seed_input()})
+    assert output["error_code"] == "invalid_audio"
+    assert world["references"].entries == 0  # a fixed upload is fetched afresh next time
+
+
+async def test_engine_errors_keep_their_code_and_retryable_flag(world):
+    output = await world["handler_for"](ScriptedScheduler(BatchError("the batch failed")))(
+        {"id": "job-5", "input": seed_input()}
+    )
+    assert output == {"error": "the batch failed", "error_code": "generation_failed", "retryable": True}
+    assert sample(world, "xtts_jobs_total", status="failed", language="pt") == 1
+
+
+async def test_an_unexpected_error_is_reported_without_its_details(world, caplog):
+    caplog.set_level(logging.INFO, logger="server.handler")
+    output = await world["handler_for"](ScriptedScheduler(RuntimeError("secret detail")))(
+        {"id": "job-6", "input": seed_input()}
+    )
+    assert output == {"error": "internal error (RuntimeError); see the worker's log", "error_code": "internal_error"}
+    failure = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert failure and failure[0].exc_info is not None  # the log keeps the traceback for the operator
+
+
+async def test_a_job_over_its_time_limit_fails_retryably_and_leaves_the_queue(world):
+    scheduler = ScriptedScheduler("hang")
+    output = await world["handler_for"](scheduler, job_timeout_s=0.5)({"id": "job-7", "input": seed_input()})
+    assert output["error_code"] == "job_timeout" and output["retryable"] is True
+    assert "JOB_TIMEOUT_S=0.5" in output["error"]
+    assert scheduler.cancelled == ["job-7"]
+
+
+async def test_a_job_stopped_by_runpod_is_cancelled_inside_the_scheduler(world):
+    scheduler = ScriptedScheduler("hang")
+    task = asyncio.create_task(world["handler_for"](scheduler)({"id": "job-8", "input": seed_input()}))
+    await scheduler.waiting.wait()
+    task.cancel()  # what the SDK does when the job-stop channel names the job
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert scheduler.cancelled == ["job-8"]
+    assert sample(world, "xtts_jobs_total", status="cancelled", language="pt") == 1
+    assert sample(world, "xtts_jobs_in_flight") == 0
+
+
+def test_the_handler_is_a_plain_coroutine_function_for_the_sdk(world):
+    from runpod.serverless.modules.rp_handler import is_generator
+
+    handler = world["handler_for"](ScriptedScheduler())
+    assert inspect.iscoroutinefunction(handler) and not is_generator(handler)
+
+
+async def test_a_lazy_context_is_built_once_in_the_jobs_loop_and_retried_after_a_failure(world):
+    from storage import StorageNotConfiguredError
+
+    builds = []
+    scheduler = ScriptedScheduler()
+    handler_for_context = world["handler_for"]
+
+    async def build():
+        builds.append(asyncio.get_running_loop())
+        if len(builds) == 1:
+            raise StorageNotConfiguredError("GCS_BUCKET_NAME is not set")
+        await asyncio.sleep(0)  # let the other first jobs queue up behind the build
+        return handler_for_context.context_for(scheduler)
+
+    handler = make_handler(build)
+    failed = await handler({"id": "job-9", "input": seed_input()})
+    assert failed["error_code"] == "storage_not_configured" and "GCS_BUCKET_NAME" in failed["error"]
+    outputs = await asyncio.gather(*(handler({"id": f"job-{n}", "input": seed_input()}) for n in range(10, 13)))
+    assert all(set(output) == SEED_KEYS | EXTRA_KEYS for output in outputs)
+    assert len(builds) == 2 and builds[1] is asyncio.get_running_loop()
+    assert len(scheduler.requests) == 3
+
+
+def test_the_concurrency_modifier_is_constant():
+    from server.handler import make_concurrency_modifier
+
+    modifier = make_concurrency_modifier(32)
+    assert [modifier(n) for n in (1, 8, 32, 100)] == [32, 32, 32, 32]

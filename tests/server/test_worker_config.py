@@ -1,0 +1,141 @@
+"""server.config.WorkerConfig: one frozen object from the environment, every bad value named."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+
+from server.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
+
+SECRET = "-----BEGIN PRIVATE KEY-----very-secret-----END PRIVATE KEY-----"
+
+
+class FakeStorageConfig:
+    """Stands in for storage.config.StorageConfig: records the env it was built from, holds a secret."""
+
+    def __init__(self, env):
+        self.env = dict(env)
+        self.credentials = SECRET
+
+    def __repr__(self) -> str:  # a careless storage repr must still not reach WorkerConfig's repr
+        return f"FakeStorageConfig(credentials={self.credentials!r})"
+
+
+def build(env: dict[str, str]) -> WorkerConfig:
+    return WorkerConfig.from_env(env, storage_from_env=FakeStorageConfig)
+
+
+def test_defaults_from_an_empty_environment():
+    config = build({})
+    assert dataclasses.asdict(config) | {"storage": None} == dataclasses.asdict(WorkerConfig())
+    assert config.model_dir is None and config.model == "xtts_v2"
+    assert (config.device, config.gpt_dtype) == ("auto", "auto")
+    assert (config.max_concurrency, config.max_batch_size) == (32, 8)
+    assert (config.batch_wait_ms, config.latent_cache_size, config.max_text_chars) == (15.0, 256, 5000)
+    assert (config.job_timeout_s, config.metrics_port, config.log_level) == (600.0, 9090, "INFO")
+    assert (config.default_language, config.default_output_format) == ("pt", "wav")
+    assert isinstance(config.storage, FakeStorageConfig)
+
+
+def test_default_concurrency_leaves_room_above_the_batch_size():
+    # The SDK pauses 1 s when every slot is busy: several batches' worth of jobs must be held at once.
+    assert DEFAULT_MAX_CONCURRENCY >= 4 * DEFAULT_MAX_BATCH_SIZE
+    assert build({}).advisories() == []
+    assert "1 s" in build({"MAX_CONCURRENCY": "8"}).advisories()[0]
+
+
+def test_every_variable_is_read_and_normalized():
+    env = {
+        "XTTS_MODEL_DIR": "/models/xtts", "XTTS_MODEL": "xtts_v2", "XTTS_DEVICE": "CUDA:1",
+        "XTTS_GPT_DTYPE": "BFloat16", "MAX_CONCURRENCY": "64", "MAX_BATCH_SIZE": "16", "BATCH_WAIT_MS": "2.5",
+        "LATENT_CACHE_SIZE": "10", "MAX_TEXT_CHARS": "100", "JOB_TIMEOUT_S": "30", "METRICS_PORT": "0",
+        "LOG_LEVEL": "warn", "DEFAULT_LANGUAGE": "ZH_CN", "DEFAULT_OUTPUT_FORMAT": "MP3",
+        "LATENT_CACHE_DIR": "/var/latents", "LATENT_CACHE_DISK_ENTRIES": "50", "XTTS_VOCODER_BATCHING": "Per_Row",
+    }  # fmt: skip
+    config = build(env)
+    assert config.latent_cache_disk_entries == 50
+    assert config.summary() == {
+        "model_dir": "/models/xtts", "model": "xtts_v2", "device": "cuda:1", "gpt_dtype": "bfloat16",
+        "max_concurrency": 64, "max_batch_size": 16, "batch_wait_ms": 2.5, "latent_cache_size": 10,
+        "latent_cache_dir": "/var/latents", "vocoder_batching": "per_row",
+        "max_text_chars": 100, "job_timeout_s": 30.0, "metrics_port": 0, "log_level": "WARNING",
+        "default_language": "zh-cn", "default_output_format": "mp3",
+    }  # fmt: skip
+    assert config.storage.env == env  # storage gets the same environment to read its own variables
+
+
+def test_empty_values_count_as_unset():
+    config = build({"MAX_CONCURRENCY": "", "XTTS_MODEL_DIR": "  ", "LOG_LEVEL": ""})
+    assert (config.max_concurrency, config.model_dir, config.log_level) == (32, None, "INFO")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_CONCURRENCY", "0", "MAX_CONCURRENCY must be an integer >= 1, got '0'"),
+        ("MAX_CONCURRENCY", "eight", "MAX_CONCURRENCY must be an integer >= 1, got 'eight'"),
+        ("MAX_BATCH_SIZE", "2.5", "MAX_BATCH_SIZE must be an integer >= 1, got '2.5'"),
+        ("LATENT_CACHE_SIZE", "-1", "LATENT_CACHE_SIZE must be an integer >= 1, got '-1'"),
+        ("MAX_TEXT_CHARS", "0", "MAX_TEXT_CHARS must be an integer >= 1, got '0'"),
+        ("METRICS_PORT", "70000", "METRICS_PORT must be an integer from 0 to 65535, got '70000'"),
+        ("BATCH_WAIT_MS", "-1", "BATCH_WAIT_MS must be a number >= 0, got '-1'"),
+        ("BATCH_WAIT_MS", "nan", "BATCH_WAIT_MS must be a number >= 0, got 'nan'"),
+        ("JOB_TIMEOUT_S", "0", "JOB_TIMEOUT_S must be a number > 0, got '0'"),
+        ("JOB_TIMEOUT_S", "inf", "JOB_TIMEOUT_S must be a number > 0, got 'inf'"),
+        ("XTTS_DEVICE", "tpu", "XTTS_DEVICE must be one of cuda, cuda:N, cpu, auto, got 'tpu'"),
+        ("XTTS_GPT_DTYPE", "int8", "XTTS_GPT_DTYPE must be one of auto, float32, float16, bfloat16, got 'int8'"),
+        ("XTTS_MODEL", "xtts_v1", "XTTS_MODEL must be one of xtts_v2, got 'xtts_v1'"),
+        ("XTTS_VOCODER_BATCHING", "yes", "XTTS_VOCODER_BATCHING must be one of auto, batched, per_row, got 'yes'"),
+        ("LATENT_CACHE_DISK_ENTRIES", "0", "LATENT_CACHE_DISK_ENTRIES must be an integer >= 1, got '0'"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
+        ("DEFAULT_OUTPUT_FORMAT", "aac", "DEFAULT_OUTPUT_FORMAT must be one of wav, flac, ogg, mp3, got 'aac'"),
+        ("DEFAULT_LANGUAGE", "pt-BR", "DEFAULT_LANGUAGE must be one of pt, en, "),
+    ],
+)
+def test_a_bad_value_is_named_with_the_variable(name, value, message):
+    with pytest.raises(ConfigError) as info:
+        build({name: value})
+    assert str(info.value).startswith(message)
+    assert info.value.error_code == "invalid_config"
+
+
+def test_a_long_bad_value_is_cut_short_in_the_message():
+    with pytest.raises(ConfigError) as info:
+        build({"MAX_CONCURRENCY": "9" * 10_000})
+    assert len(str(info.value)) < 200
+
+
+def test_config_is_frozen_and_its_repr_hides_storage_secrets():
+    config = build({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_concurrency = 1
+    assert SECRET not in repr(config) and SECRET not in str(config.summary())
+
+
+def test_storage_config_is_built_by_storage_config_module_by_default(monkeypatch):
+    # The real storage.config is the storage engineer's; stand in for it at the import the default path makes.
+    module = types.ModuleType("storage.config")
+    module.StorageConfig = types.SimpleNamespace(from_env=lambda env: ("storage built from", env.get("X")))
+    monkeypatch.setitem(sys.modules, "storage.config", module)
+    assert WorkerConfig.from_env({"X": "y"}).storage == ("storage built from", "y")
+
+
+def test_a_bad_server_variable_fails_before_storage_is_read():
+    def storage_must_not_run(env):
+        raise AssertionError("storage read before the server's own variables were checked")
+
+    with pytest.raises(ConfigError, match="MAX_BATCH_SIZE"):
+        WorkerConfig.from_env({"MAX_BATCH_SIZE": "0"}, storage_from_env=storage_must_not_run)
+
+
+def test_the_real_storage_config_is_built_and_its_errors_pass_through(tmp_path):
+    from storage import StorageConfig, StorageNotConfiguredError
+
+    config = WorkerConfig.from_env({"LOCAL_STORAGE_DIR": str(tmp_path), "MAX_BATCH_SIZE": "4"})
+    assert isinstance(config.storage, StorageConfig) and config.storage.backend == "local"
+    assert config.max_batch_size == 4
+    with pytest.raises(StorageNotConfiguredError, match="STORAGE_BACKEND"):
+        WorkerConfig.from_env({"STORAGE_BACKEND": "s3"})
