@@ -39,19 +39,29 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
 
 
 class LatentCache:
-    def __init__(self, capacity: int, folder: str | os.PathLike | None, model_id: str, *, disk_max_entries: int = 2000):
+    def __init__(
+        self,
+        capacity: int,
+        folder: str | os.PathLike | None,
+        model_id: str,
+        *,
+        disk_max_entries: int = 2000,
+        enabled: bool = True,
+    ):
         if capacity < 1:
             raise ValueError(f"LATENT_CACHE_SIZE must be an integer >= 1, got {capacity}")
         self.capacity = capacity
         self.folder = Path(folder) if folder else None
         self.model_id = model_id
         self.disk_max_entries = disk_max_entries
+        # Disabled: the seed's behaviour (conditioning recomputed for every request), for baselines.
+        self.enabled = enabled
         self._memory: OrderedDict[str, VoiceLatents] = OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
         self.hits = 0  # served from memory or disk
         self.disk_hits = 0
         self.misses = 0  # computed
-        if self.folder:
+        if self.folder and enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
@@ -61,6 +71,9 @@ class LatentCache:
         """The latents of `key` and whether they were cached; `compute()` runs at most once at a time per key."""
         if not _SAFE_KEY.match(key):
             raise ValueError(f"latent cache key must match {_SAFE_KEY.pattern}, got {key!r}")
+        if not self.enabled:
+            self.misses += 1
+            return await compute(), False
         if key in self._memory:
             self._memory.move_to_end(key)
             self.hits += 1

@@ -81,7 +81,8 @@ def make_context_builder(config, engine, metrics):
                                     max_ref_bytes=storage_config.max_ref_bytes)  # fmt: skip
         model_id = model_fingerprint(config.model_dir) if config.model_dir else config.model
         latents = LatentCache(config.latent_cache_size, config.latent_cache_dir, model_id,
-                              disk_max_entries=config.latent_cache_disk_entries)  # fmt: skip
+                              disk_max_entries=config.latent_cache_disk_entries,
+                              enabled=config.latent_cache)  # fmt: skip
         scheduler = Scheduler(
             engine, latents,
             max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,

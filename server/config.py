@@ -14,6 +14,7 @@ Variables read here (defaults in brackets):
     MAX_CONCURRENCY       jobs the RunPod SDK runs at once (concurrency_modifier)  [32]
     MAX_BATCH_SIZE        most rows in one GPU batch                                [8]
     BATCH_WAIT_MS         longest wait for company before a batch runs              [15]
+    LATENT_CACHE          on | off: off recomputes conditioning per job (the seed's way, for baselines) [on]
     LATENT_CACHE_SIZE     speaker latents kept in memory (voices)                   [256]
     LATENT_CACHE_DIR      speaker latents persisted on disk ('' = off)             [/tmp/latent_cache]
     LATENT_CACHE_DISK_ENTRIES  most latent files kept on disk                       [2000]
@@ -163,6 +164,7 @@ class WorkerConfig:
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_ms: float = 15.0
+    latent_cache: bool = True
     latent_cache_size: int = 256
     latent_cache_dir: str | None = "/tmp/latent_cache"
     latent_cache_disk_entries: int = 2000
@@ -199,6 +201,7 @@ class WorkerConfig:
             max_concurrency=read.integer("MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, minimum=1),
             max_batch_size=read.integer("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
             batch_wait_ms=read.number("BATCH_WAIT_MS", 15.0, minimum=0.0),
+            latent_cache=read.choice("LATENT_CACHE", "on", ("on", "off")) == "on",
             latent_cache_size=read.integer("LATENT_CACHE_SIZE", 256, minimum=1),
             latent_cache_dir=env.get("LATENT_CACHE_DIR", "/tmp/latent_cache").strip() or None,
             latent_cache_disk_entries=read.integer("LATENT_CACHE_DISK_ENTRIES", 2000, minimum=1),
@@ -233,6 +236,7 @@ class WorkerConfig:
             "max_concurrency": self.max_concurrency,
             "max_batch_size": self.max_batch_size,
             "batch_wait_ms": self.batch_wait_ms,
+            "latent_cache": self.latent_cache,
             "latent_cache_size": self.latent_cache_size,
             "latent_cache_dir": self.latent_cache_dir,
             "vocoder_batching": self.vocoder_batching,

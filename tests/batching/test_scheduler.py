@@ -262,3 +262,16 @@ async def test_close_fails_waiting_requests_with_a_retryable_error(make_schedule
     with pytest.raises(Exception, match="shutting down") as err:
         await job
     assert err.value.retryable
+
+
+async def test_a_disabled_latent_cache_conditions_every_request(tmp_path):
+    engine = FakeEngine()
+    s = Scheduler(engine, LatentCache(16, tmp_path, "test", enabled=False), max_batch_size=4, batch_wait_s=0.0)
+    await s.start()
+    try:
+        results = [await s.submit(request(f"r{i}", voice="same")) for i in range(3)]
+    finally:
+        await s.close()
+    assert len(engine.conditioned) == 3
+    assert not any(r.latent_cache_hit for r in results)
+    assert list(tmp_path.iterdir()) == []
