@@ -89,9 +89,15 @@ def make_context_builder(config, engine, metrics):
             observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
         )  # fmt: skip
         await scheduler.start()
+        progress = None
+        if os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):  # RunPod's production loop: it has a progress channel
+            import runpod
+
+            progress = runpod.serverless.progress_update
         return HandlerContext(
             config=config, storage=storage, references=references, scheduler=scheduler, metrics=metrics,
             reference_sample_rate=engine.input_sample_rate, max_reference_s=float(engine.max_ref_len),
+            progress=progress,
         )  # fmt: skip
 
     return build

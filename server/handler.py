@@ -54,6 +54,9 @@ class HandlerContext:
     reference_sample_rate: int  # the engine's input rate (XTTS: 22050 Hz)
     max_reference_s: float  # the engine uses at most this much of a reference (XTTS: max_ref_len, 30 s)
     clock: Callable[[], float] = time.perf_counter
+    # runpod.serverless.progress_update in RunPod's production loop; None elsewhere (the local test API has no
+    # channel for it). Called with (job, message) as the segments of a multi-segment job finish.
+    progress: Callable[[dict, str], None] | None = None
 
 
 def _preview(text: str) -> str:
@@ -90,7 +93,7 @@ class TTSHandler:
             scope = asyncio.timeout(ctx.config.job_timeout_s)
             try:
                 async with scope:
-                    output = await self._run(job_id, request, jlog, started)
+                    output = await self._run(job_id, request, jlog, started, job)
             except TimeoutError:
                 if not scope.expired():
                     raise  # a timeout from inside (storage, engine): handled below like any error
@@ -110,7 +113,9 @@ class TTSHandler:
             if ctx.metrics:
                 ctx.metrics.jobs_in_flight.dec()
 
-    async def _run(self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float) -> dict:
+    async def _run(
+        self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
+    ) -> dict:
         ctx, metrics = self.ctx, self.ctx.metrics
         params = request.parameters()
         jlog.info("[%s] === new request ===", job_id)
@@ -160,6 +165,7 @@ class TTSHandler:
             ),  # fmt: skip
             request_id=job_id,
             deadline=scheduler.clock() + max(0.0, remaining_s),
+            on_progress=self._progress_reporter(job) if ctx.progress else None,
         )
         jlog.info("[%s] generating audio with XTTS v2...", job_id)
         t0 = ctx.clock()
@@ -208,6 +214,13 @@ class TTSHandler:
             "segments": result.segments,
             "total_time": round(total_s, 2),
         }
+
+    def _progress_reporter(self, job: dict) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            if total > 1 and done < total:  # the result itself says the last one
+                self.ctx.progress(job, f"{done}/{total} segments generated")
+
+        return report
 
     def _fail(
         self, job_id: str, jlog: logging.LoggerAdapter, exc: BaseException, language: str, started: float

@@ -271,3 +271,21 @@ def test_the_concurrency_modifier_is_constant():
 
     modifier = make_concurrency_modifier(32)
     assert [modifier(n) for n in (1, 8, 32, 100)] == [32, 32, 32, 32]
+
+
+async def test_multi_segment_jobs_report_progress_through_the_context(world, tiny_engine):
+    from batching import LatentCache, Scheduler
+
+    scheduler = Scheduler(tiny_engine, LatentCache(4, None, "test"), max_batch_size=1, batch_wait_s=0.0)
+    await scheduler.start()
+    reported = []
+    try:
+        context = world["handler_for"].context_for(scheduler)
+        context.progress = lambda job, message: reported.append((job["id"], message))
+        handler = make_handler(context)
+        text = "你好。" * 40  # two segments at Chinese's 82-character limit
+        out = await handler({"id": "job-p", "input": seed_input(gen_text=text, language="zh-cn")})
+    finally:
+        await scheduler.close()
+    assert out["segments"] == 2, out
+    assert reported == [("job-p", "1/2 segments generated")]
