@@ -131,45 +131,46 @@ class TTSHandler:
         )  # fmt: skip
 
         t0 = ctx.clock()
-        reference = await ctx.references.get(request.voice_id, request.ref_audio_url)
-        download_s = ctx.clock() - t0
-        if metrics:
-            metrics.record_cache("reference_audio", reference.hit)
-            metrics.cache_bytes.labels(cache="reference_audio").set(ctx.references.bytes)
-            if not reference.hit:
-                metrics.observe_stage("download", download_s)
-        if reference.hit:
-            jlog.info("[%s] reference audio in cache: %s (%d bytes)", job_id, request.voice_id, reference.size)
-        else:
-            jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
+        # Pinned until the scheduler has the voice: a full cache cannot evict the file before it is decoded.
+        try:
+            async with ctx.references.use(request.voice_id, request.ref_audio_url) as reference:
+                download_s = ctx.clock() - t0
+                if metrics:
+                    metrics.record_cache("reference_audio", reference.hit)
+                    metrics.cache_bytes.labels(cache="reference_audio").set(ctx.references.bytes)
+                    if not reference.hit:
+                        metrics.observe_stage("download", download_s)
+                if reference.hit:
+                    jlog.info("[%s] reference audio in cache: %s (%d bytes)", job_id, request.voice_id, reference.size)
+                else:
+                    jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
 
-        async def load_reference():
-            # Called by the scheduler only when the voice's latents are not cached.
-            try:
-                wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
-            except InvalidAudioError:
-                ctx.references.discard(request.voice_id, request.ref_audio_url)  # fetch afresh next time
-                raise
-            return wav, ctx.reference_sample_rate
+                async def load_reference():
+                    # Called by the scheduler only when the voice's latents are not cached.
+                    wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
+                    return wav, ctx.reference_sample_rate
 
-        scheduler = ctx.scheduler
-        remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
-        synthesis = SynthesisRequest(
-            text=request.gen_text,
-            language=request.language,
-            voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents
-            load_reference=load_reference,
-            params=SamplingParams(
-                temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                repetition_penalty=request.repetition_penalty, speed=request.speed, seed=request.seed,
-            ),  # fmt: skip
-            request_id=job_id,
-            deadline=scheduler.clock() + max(0.0, remaining_s),
-            on_progress=self._progress_reporter(job) if ctx.progress else None,
-        )
-        jlog.info("[%s] generating audio with XTTS v2...", job_id)
-        t0 = ctx.clock()
-        result = await scheduler.submit(synthesis)
+                scheduler = ctx.scheduler
+                remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
+                synthesis = SynthesisRequest(
+                    text=request.gen_text,
+                    language=request.language,
+                    voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents
+                    load_reference=load_reference,
+                    params=SamplingParams(
+                        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                        repetition_penalty=request.repetition_penalty, speed=request.speed, seed=request.seed,
+                    ),  # fmt: skip
+                    request_id=job_id,
+                    deadline=scheduler.clock() + max(0.0, remaining_s),
+                    on_progress=self._progress_reporter(job) if ctx.progress else None,
+                )
+                jlog.info("[%s] generating audio with XTTS v2...", job_id)
+                t0 = ctx.clock()
+                result = await scheduler.submit(synthesis)
+        except InvalidAudioError:
+            ctx.references.discard(request.voice_id, request.ref_audio_url)  # fetch afresh next time
+            raise
         generation_s = ctx.clock() - t0
         if metrics:
             metrics.observe_stage("queue_wait", result.queue_wait_s)
