@@ -1,0 +1,90 @@
+"""GCS faults under the real worker: `python -m server` in RunPod's production loop, storage on fake-gcs-server
+behind a fault-injecting proxy. Transient faults are retried and jobs succeed; a lasting outage fails the jobs
+that need it with a clear, retryable error while other voices flow; the worker recovers by itself."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import pytest
+import soundfile as sf
+
+from bench.faultproxy import FaultProxy
+from bench.runpod_fake import COMPLETED, FAILED, FakeRunPod
+from bench.voices import synthetic_voice
+from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, start_worker, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+def wav_bytes(f0: float) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, synthetic_voice(3.0, f0=f0), 22050, format="WAV")
+    return buf.getvalue()
+
+
+def job(voice: str, text: str = "Olá, tudo bem?") -> dict:
+    return {"gen_text": text, "ref_audio_url": f"gs://voices/refs/{voice}.wav", "voice_id": voice, "seed": 3}
+
+
+def tally(fake: FakeRunPod, ids: list[str]) -> Counter:
+    return Counter(fake.jobs[i].state if fake.jobs[i].state != FAILED else fake.jobs[i].result["output"]["error_code"]
+                   for i in ids)  # fmt: skip
+
+
+async def test_gcs_faults_are_survived_and_outages_fail_clearly(tmp_path, emulator, service_account):
+    emulator.create_bucket("voices")
+    for i, voice in enumerate(["v0", "v1", "v2", "v3", "v9"]):
+        emulator.put_object("voices", f"refs/{voice}.wav", wav_bytes(100 + 30 * i), "audio/wav")
+    async with FaultProxy(emulator.url) as proxy, FakeRunPod() as fake:
+        env = worker_env(
+            fake, tmp_path, STORAGE_BACKEND="gcs", STORAGE_EMULATOR_HOST=proxy.url,
+            GCS_CREDENTIALS=service_account.json, STORAGE_RETRY_BASE_S="0.05", STORAGE_RETRY_MAX_BACKOFF_S="0.3",
+            STORAGE_RETRY_DEADLINE_S="4", STORAGE_MAX_RETRIES="8", STORAGE_TIMEOUT_S="2",
+            MAX_CONCURRENCY="8", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="30",
+        )  # fmt: skip
+        worker = await start_worker(fake, env, tmp_path / "worker.log")
+        try:
+            # 1. Transient faults on downloads and uploads: 503 bursts, connection resets, a slow response.
+            proxy.fail_next(3, 503, path_contains="/o/refs")
+            proxy.reset_next(2, path_contains="/o/refs")
+            proxy.delay_next(1, 1.0, path_contains="/o/refs")
+            proxy.fail_next(2, 503, path_contains="/upload/")
+            proxy.reset_next(1, path_contains="/upload/")
+            ids = [fake.enqueue(job(v, f"Frase {n} da voz {v}.")) for n in range(2) for v in ["v0", "v1", "v2", "v3"]]
+            await fake.wait_done(ids, RUN_TIMEOUT_S)
+            transient = tally(fake, ids)
+            assert transient == {COMPLETED: 8}, (transient, worker.log_text()[-3000:])
+            assert proxy.pending_faults == 0  # every injected fault was met, and retried past
+
+            # 2. One object unreachable for longer than the retry deadline: its jobs fail clearly and
+            #    retryably; the other voices keep flowing meanwhile.
+            proxy.persistent_status, proxy.persistent_path_contains = 503, "refs%2Fv9"  # object names are quoted
+            down = [fake.enqueue(job("v9")) for _ in range(2)]
+            flowing = [fake.enqueue(job(v, "Outra frase.")) for v in ["v0", "v1", "v2"]]
+            await fake.wait_done(down + flowing, RUN_TIMEOUT_S)
+            assert tally(fake, flowing) == {COMPLETED: 3}
+            assert tally(fake, down) == {"storage_unavailable": 2}
+            error = fake.jobs[down[0]].result
+            assert error["output"]["retryable"] is True and "refs/v9.wav" in error["error"]
+
+            # 3. The whole of GCS down: jobs fail retryably (uploads cannot land) ...
+            proxy.clear()
+            proxy.persistent_status = 503
+            outage = [fake.enqueue(job("v1", "Durante a falha."))]
+            await fake.wait_done(outage, RUN_TIMEOUT_S)
+            assert tally(fake, outage) == {"storage_unavailable": 1}
+            # ... and once it is back, the worker serves again without a restart, the failed voice included.
+            proxy.clear()
+            recovered = [fake.enqueue(job("v9", "De volta.")), fake.enqueue(job("v1", "De volta também."))]
+            await fake.wait_done(recovered, RUN_TIMEOUT_S)
+            assert tally(fake, recovered) == {COMPLETED: 2}
+        finally:
+            code = await worker.stop(RUN_TIMEOUT_S)
+        everything = ids + down + flowing + outage + recovered
+        print(f"sent {len(everything)}: {dict(tally(fake, everything))}, lost 0; proxy saw "
+              f"{proxy.count()} requests")  # fmt: skip
+        assert code == 0
+        assert json.dumps(tally(fake, everything))  # every job has an answer: nothing lost
