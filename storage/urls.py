@@ -190,7 +190,7 @@ def parse_ref_url(url: object, policy: UrlPolicy) -> RefLocation:
 
 def _parse_gs(parts, port, policy: UrlPolicy, shown: str) -> RefLocation:
     if parts.query or parts.fragment or "@" in parts.netloc or port is not None:
-        raise InvalidRefUrlError(f"gs:// URLs take no user, port, query or fragment: {shown}")
+        raise InvalidRefUrlError(f"ref_audio_url: gs:// URLs take no user, port, query or fragment: {shown}")
     bucket = parts.netloc
     _check_bucket(bucket, policy, shown)
     object_name = _object_from_path(parts.path[1:] if parts.path.startswith("/") else "", shown)
@@ -205,7 +205,7 @@ def _parse_https(url: str, parts, scheme: str, port, policy: UrlPolicy, shown: s
         raise InvalidRefUrlError(f"ref_audio_url must not carry user information: {shown}")
     loopback_host = host in _LOOPBACK_NAMES or address_is_loopback(host)
     if scheme == "http" and not (policy.allow_loopback and loopback_host):
-        raise InvalidRefUrlError(f"only https reference URLs are accepted: {shown}")
+        raise InvalidRefUrlError(f"ref_audio_url must use https (only https reference URLs are accepted): {shown}")
     if _is_ip_literal(host) and not policy.address_allowed(host):
         raise InvalidRefUrlError(f"ref_audio_url points to a non-public address: {shown}")
     if host in _LOOPBACK_NAMES and not policy.allow_loopback:
@@ -240,7 +240,7 @@ def _check_bucket(bucket: str, policy: UrlPolicy, shown: str) -> None:
     except InvalidRefUrlError as exc:
         raise InvalidRefUrlError(f"{exc} in ref_audio_url {shown}") from None
     if not policy.bucket_allowed(bucket):
-        raise InvalidRefUrlError(f"bucket {bucket!r} is not in ALLOWED_BUCKETS: {shown}")
+        raise InvalidRefUrlError(f"ref_audio_url bucket {bucket!r} is not in ALLOWED_BUCKETS: {shown}")
 
 
 def _object_from_path(name: str, shown: str) -> str:

@@ -1,0 +1,356 @@
+"""End-to-end fixtures: the real `python -m server` in a process of its own, against real local services.
+
+    gcs_bucket      fake-gcs-server (bench.gcs_emulator) with the buckets `seu-bucket` and `meu-bucket` (the seed
+                    README's examples use both) and the reference voices uploaded (bench.voices.synthetic_voice)
+    fake_runpod     bench.runpod_fake.FakeRunPod: RunPod's job protocol on 127.0.0.1
+    gcs_worker      `python -m server` in RunPod's production mode (RUNPOD_WEBHOOK_GET_JOB -> fake_runpod), GCS on
+                    the emulator with a throwaway service-account key (so result URLs are V4-signed), the tiny demo
+                    checkpoint on CPU; started once per module, ready when the SDK asks for its first jobs; killed
+                    (its whole process group) at the end, also when a test or the start fails
+
+Every fixture is module-scoped and lives on the module's event loop: a test module that uses them marks its tests
+`pytest.mark.asyncio(loop_scope="module")`. A worker's output goes to a log file; when a test fails, the tail of
+every worker log still open is added to the failure report.
+
+Timeouts here are hang guards only (a worker takes ~15-25 s to start on a 2-core machine): no assertion is about
+speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.gcs_emulator import GcsEmulator, free_port
+from bench.runpod_fake import FakeRunPod, WorkerProcess
+from bench.voices import synthetic_voice
+from tests.conftest import ROOT
+from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture, re-exported here)
+
+REPO = ROOT
+BUCKET = "seu-bucket"  # GCS_BUCKET_NAME: results go here; the seed's test_input.json reference lives here
+OTHER_BUCKET = "meu-bucket"  # the seed README's curl and Python examples read their references from this one
+SEED_INPUT: dict = json.loads((REPO / "test_input.json").read_text(encoding="utf-8"))["input"]
+SEED_KEYS = ("audio_url", "duration", "voice_id", "language", "generation_time", "parameters")
+SEED_PARAMETER_KEYS = ("temperature", "speed", "top_k", "top_p")
+
+# Hang guards, never speed assertions.
+START_TIMEOUT_S = 300.0
+RUN_TIMEOUT_S = 480.0
+
+MISSING_OBJECT = "referencias/nao_existe.wav"  # never uploaded
+NOT_AUDIO_OBJECT = "referencias/texto.wav"  # a text file with a .wav name and an audio content type
+
+
+@dataclass(frozen=True)
+class Voice:
+    voice_id: str
+    bucket: str
+    object_name: str
+    f0: float
+    seed: int
+
+    @property
+    def url(self) -> str:
+        return f"gs://{self.bucket}/{self.object_name}"
+
+    def wav_bytes(self, seconds: float = 4.0) -> bytes:
+        buffer = io.BytesIO()
+        sf.write(buffer, synthetic_voice(seconds, sr=22050, f0=self.f0, seed=self.seed), 22050, format="WAV",
+                 subtype="PCM_16")  # fmt: skip
+        return buffer.getvalue()
+
+
+# The first three are the seed README's own examples (test_input.json, the curl example, the Python example).
+VOICES: tuple[Voice, ...] = (
+    Voice("joao_formal", BUCKET, "referencias/voz_joao.wav", 120.0, 0),
+    Voice("maria_news", OTHER_BUCKET, "vozes/maria.wav", 210.0, 1),
+    Voice("carlos_podcast", OTHER_BUCKET, "vozes/carlos.wav", 95.0, 2),
+    Voice("ana_calma", BUCKET, "vozes/ana.wav", 175.0, 3),
+)
+assert VOICES[0].url == SEED_INPUT["ref_audio_url"] and VOICES[0].voice_id == SEED_INPUT["voice_id"]
+
+# Variables the worker (server.config, storage.config) or the RunPod SDK read: never inherited from the shell
+# that runs pytest, so each test's worker sees exactly what the test sets.
+_WORKER_VARIABLES = (
+    "RUNPOD_", "GCS_", "STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS", "XTTS_", "LATENT_CACHE", "AUDIO_CACHE",
+    "LOCAL_STORAGE_DIR", "ALLOWED_", "ALLOW_LOOPBACK", "MAX_", "BATCH_WAIT_MS", "METRICS_PORT", "JOB_TIMEOUT",
+    "DEFAULT_LANGUAGE", "DEFAULT_OUTPUT_FORMAT", "LOG_LEVEL", "SIGNED_URL_TTL_S",
+)  # fmt: skip
+
+
+def worker_env(**settings: str) -> dict[str, str]:
+    """The environment of a worker process: this one without any worker variable, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_WORKER_VARIABLES)}
+    env.update(PYTHONUNBUFFERED="1", LOG_LEVEL="INFO")
+    env.update(settings)
+    return env
+
+
+def tail(path: Path, chars: int = 6000) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log)"
+    return text if len(text) <= chars else "...\n" + text[-chars:]
+
+
+# Logs of the worker processes running now, by name: their tails go into the report of a failing test.
+_OPEN_LOGS: dict[str, Path] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, path in list(_OPEN_LOGS.items()):
+            report.sections.append((f"worker log ({name}): {path}", tail(path)))
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """One scrape of the worker's Prometheus endpoint, parsed by prometheus_client's own text parser."""
+
+    samples: Mapping[tuple[str, frozenset], float]
+
+    @classmethod
+    def parse(cls, text: str) -> MetricsSnapshot:
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return cls(samples)
+
+    def get(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, frozenset(labels.items())), 0.0)
+
+    def total(self, name: str, **labels: str) -> float:
+        """Sum over every label set that includes `labels` (e.g. all languages of one status)."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+
+    def buckets(self, name: str) -> dict[float, float]:
+        """A histogram's cumulative bucket counts, `le` -> count."""
+        out = {}
+        for (n, labels), value in self.samples.items():
+            if n == f"{name}_bucket":
+                out[float(dict(labels)["le"])] = value
+        return dict(sorted(out.items()))
+
+    # The numbers the tests look at.
+    @property
+    def batches(self) -> float:
+        return self.get("xtts_batch_size_rows_count")
+
+    @property
+    def batch_rows(self) -> float:
+        return self.get("xtts_batch_size_rows_sum")
+
+    @property
+    def batches_of_one(self) -> float:
+        return self.buckets("xtts_batch_size_rows").get(1.0, 0.0)
+
+    @property
+    def latent_hits(self) -> float:
+        return self.get("xtts_cache_hits_total", cache="latents")
+
+    @property
+    def latent_misses(self) -> float:
+        return self.get("xtts_cache_misses_total", cache="latents")
+
+    @property
+    def in_flight(self) -> float:
+        return self.get("xtts_jobs_in_flight")
+
+    @property
+    def queue_depth(self) -> float:
+        return self.get("xtts_queue_depth_requests")
+
+    def jobs(self, status: str) -> float:
+        return self.total("xtts_jobs_total", status=status)
+
+    def minus(self, before: MetricsSnapshot) -> MetricsSnapshot:
+        """Counters and histograms since `before` (gauges come out as differences too: read them from self)."""
+        keys = set(self.samples) | set(before.samples)
+        return MetricsSnapshot({k: self.samples.get(k, 0.0) - before.samples.get(k, 0.0) for k in keys})
+
+    def batch_size_counts(self) -> dict[str, int]:
+        """Batches per histogram bucket (`"<=1"`, `"2"`, `"3-4"`...), from the cumulative counts."""
+        out, previous_le, previous = {}, 0.0, 0.0
+        for le, count in self.buckets("xtts_batch_size_rows").items():
+            if count - previous > 0:
+                low = int(previous_le) + 1
+                label = "+Inf" if math.isinf(le) else (str(int(le)) if low >= int(le) else f"{low}-{int(le)}")
+                out[label] = int(count - previous)
+            if not math.isinf(le):
+                previous_le = le
+            previous = count
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+
+
+class E2EWorker:
+    """A running `python -m server` process (a bench.runpod_fake.WorkerProcess) and its metrics endpoint."""
+
+    def __init__(self, name: str, process: WorkerProcess, metrics_port: int):
+        self.name = name
+        self.process = process
+        self.metrics_port = metrics_port
+        self.exit_status: int | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def log_text(self) -> str:
+        return self.process.log_text()
+
+    def tail(self, chars: int = 6000) -> str:
+        return tail(self.log_path, chars)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.process is not None and self.process.process.returncode is None
+
+    async def metrics(self) -> MetricsSnapshot:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async with session.get(url) as response:
+                assert response.status == 200, f"metrics endpoint answered {response.status}"
+                return MetricsSnapshot.parse(await response.text())
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    name: str, fake: FakeRunPod, env: Mapping[str, str], log_dir: Path, *, metrics_port: int
+) -> AsyncIterator[E2EWorker]:
+    """Start `python -m server` against `fake`, wait until the SDK asks for jobs and the metrics endpoint answers,
+    yield it; SIGTERM (then SIGKILL) its process group at the end, whatever happened."""
+    log_path = log_dir / f"{name}.log"
+    process = WorkerProcess([sys.executable, "-m", "server"], {**env, **fake.env()}, log_path, cwd=str(REPO))
+    await process.start()
+    worker = E2EWorker(name, process, metrics_port)
+    _OPEN_LOGS[name] = log_path
+    try:
+        await _wait_ready(worker, fake)
+        yield worker
+    finally:
+        worker.exit_status = await process.stop(timeout_s=30)
+        _OPEN_LOGS.pop(name, None)
+    # RunPod stops a worker with SIGTERM: it must exit by itself, cleanly (-9 would mean it needed SIGKILL).
+    assert worker.exit_status == 0, f"worker {name} exited with {worker.exit_status} on SIGTERM:\n{worker.tail()}"
+
+
+async def _wait_ready(worker: E2EWorker, fake: FakeRunPod) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_TIMEOUT_S
+    while True:
+        if not worker.alive:
+            raise AssertionError(
+                f"worker {worker.name} exited with {worker.process.process.returncode} while starting; log:\n"
+                f"{worker.tail()}"
+            )
+        if fake.take_requests:  # the SDK's job loop is running: the engine was loaded and warmed before it
+            try:
+                await worker.metrics()
+                return
+            except (aiohttp.ClientError, OSError):
+                pass
+        if loop.time() > deadline:
+            raise AssertionError(f"worker {worker.name} not ready within {START_TIMEOUT_S:g} s; log:\n{worker.tail()}")
+        await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def server_process(name: str, args: list[str], env: Mapping[str, str], log_path: Path,
+                   cwd: Path = REPO) -> Iterator[subprocess.Popen]:  # fmt: skip
+    """`python -m server ARGS` in a process group of its own (for tests without an event loop), its output in
+    `log_path`; at the end the whole group is sent SIGTERM, then SIGKILL, whatever happened."""
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server", *args], env=dict(env), cwd=str(cwd), stdin=subprocess.DEVNULL,
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    _OPEN_LOGS[name] = log_path
+    try:
+        yield process
+    finally:
+        _OPEN_LOGS.pop(name, None)
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            try:
+                process.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):  # the SDK's children, if any outlived it
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket() -> Iterator[GcsEmulator]:
+    """fake-gcs-server with both buckets and every voice uploaded, plus a text file named like a WAV."""
+    with GcsEmulator(buckets=[BUCKET, OTHER_BUCKET]) as emulator:
+        for voice in VOICES:
+            emulator.put_object(voice.bucket, voice.object_name, voice.wav_bytes(), "audio/wav")
+        emulator.put_object(BUCKET, NOT_AUDIO_OBJECT, b"Isto nao e audio, e um arquivo de texto.\n" * 40, "audio/wav")
+        yield emulator
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fake_runpod() -> AsyncIterator[FakeRunPod]:
+    async with FakeRunPod(poll_timeout_s=0.5, stop_poll_timeout_s=0.5) as fake:
+        yield fake
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gcs_worker(
+    fake_runpod: FakeRunPod, gcs_bucket: GcsEmulator, service_account: ServiceAccount, tiny_checkpoint: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[E2EWorker]:  # fmt: skip
+    """`python -m server` in RunPod's production mode against fake_runpod, on the GCS emulator, with V4 signing."""
+    folder = tmp_path_factory.mktemp("e2e-gcs-worker")
+    metrics_port = free_port()
+    env = worker_env(
+        XTTS_MODEL_DIR=str(tiny_checkpoint),
+        XTTS_DEVICE="cpu",
+        MAX_CONCURRENCY="16",
+        MAX_BATCH_SIZE="8",
+        BATCH_WAIT_MS="50",
+        METRICS_PORT=str(metrics_port),
+        LATENT_CACHE_DIR=str(folder / "latent_cache"),
+        AUDIO_CACHE_DIR=str(folder / "audio_cache"),
+        STORAGE_BACKEND="gcs",
+        STORAGE_EMULATOR_HOST=gcs_bucket.url,
+        GCS_BUCKET_NAME=BUCKET,
+        GCS_CREDENTIALS=service_account.json,
+        ALLOWED_BUCKETS=f"{BUCKET},{OTHER_BUCKET}",
+    )
+    async with running_worker("gcs-worker", fake_runpod, env, folder, metrics_port=metrics_port) as worker:
+        yield worker
