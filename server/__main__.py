@@ -21,6 +21,7 @@ log = logging.getLogger("server")
 
 EXIT_CONFIG = 2
 EXIT_FATAL_ENGINE = 70  # the GPU is unusable: RunPod replaces the worker
+_background: set[asyncio.Task] = set()  # tasks that must not be garbage-collected while the loop runs
 
 
 def _setup_logging(level: str) -> None:
@@ -89,6 +90,18 @@ def make_context_builder(config, engine, metrics):
             observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
         )  # fmt: skip
         await scheduler.start()
+
+        async def close_at_loop_end():
+            # The SDK ends its loop with asyncio.run's clean-up, which cancels the tasks left: close what the
+            # worker opened then, so that shutdown leaves no unclosed session behind.
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await scheduler.close()
+                await references.close()
+                await storage.close()
+
+        _background.add(asyncio.get_running_loop().create_task(close_at_loop_end(), name="close-at-loop-end"))
         progress = None
         if os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):  # RunPod's production loop: it has a progress channel
             import runpod
