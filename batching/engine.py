@@ -237,6 +237,8 @@ class XttsEngine:
             return []
         codes, latents = self._decode(segments)
         wavs = self._vocode(latents, [s.voice.speaker_embedding for s in segments], [s.params.speed for s in segments])
+        if self.device.type == "cpu":
+            _trim_heap()
         return [SegmentAudio(c, w) for c, w in zip(codes, wavs, strict=True)]
 
     def _prefix(self, segment: Segment) -> torch.Tensor:
@@ -367,6 +369,24 @@ class XttsEngine:
 
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.gpt_dtype)
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc). The vocoder's activations run to hundreds of MB per row on
+    the CPU; without this, the worker's RSS keeps the high-water mark of every batch shape it has seen."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def _to_numpy(wav: torch.Tensor) -> np.ndarray:
