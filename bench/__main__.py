@@ -327,7 +327,7 @@ class Bench:
                     "batched": batched_settings(a.max_concurrency, a.max_batch_size, a.batch_wait_ms)}
         bucket, _ = split_gs_url(a.ref_url_template.format(voice=0))
         workdir = new_workdir()
-        ok = False
+        ok = interrupted = False
         emulator = None
         stacks: list[_RunStack] = []
         try:
@@ -369,13 +369,18 @@ class Bench:
                     for stack in stacks:
                         await self._maybe_soak(stack, session, latencies[0])
             ok = True
+        except asyncio.CancelledError:
+            interrupted = True
+            raise
         finally:
             for stack in stacks:
                 await stack.close()
             if emulator is not None:
                 emulator.stop()
-            cleanup_workdir(workdir, keep=a.keep_work_dir or not ok)
-            if not ok:
+            # Kept for a look at the worker logs when a run failed; removed on success and on Ctrl-C.
+            keep = a.keep_work_dir or not (ok or interrupted)
+            cleanup_workdir(workdir, keep=keep)
+            if keep:
                 self.notes.append(f"worker logs and caches kept in {workdir}")
 
     async def _maybe_soak(self, stack: _RunStack, session, first_latency: float) -> None:
@@ -482,7 +487,7 @@ class Bench:
             "date": self.date,
             "duration_s": round(time.monotonic() - self.started, 1),
             "interrupted": interrupted,
-            "command": "python -m bench " + shlex.join(self.argv),
+            "command": ("python -m bench " + shlex.join(self.argv)).strip(),
             "target": a.target,
             "machine": machine,
             "git": git_info(Path(__file__).resolve().parents[1]),

@@ -335,6 +335,10 @@ async def soak(run: RunRecord, spec: WorkloadSpec, jobs: int, concurrency: int, 
         "end_mb": round(end_rss / MB, 1) if end_rss else None,
         "growth_mb": round(growth / MB, 1) if growth is not None else None,
         "growth_pct": round(100.0 * growth / warm_rss, 2) if growth is not None else None,
+        # RSS saw-tooths with every batch (activations allocated, then freed), so one sample can land on a peak
+        # or a trough. The first and last quarters of the time after warm-up, each as (min, max): a rising
+        # floor (min) is what a leak looks like; a rising ceiling (max) is a larger peak per batch.
+        **rss_windows(series, marks["warm"] - t0 if "warm" in marks else 0.0),
         "series_s_mb": series,
     }
     run.soak = summary
@@ -342,6 +346,25 @@ async def soak(run: RunRecord, spec: WorkloadSpec, jobs: int, concurrency: int, 
     log.info("[%s] soak: %d/%d ok, RSS %s MB after warm-up -> %s MB at the end (%s MB, %s%%)", run.run,
              summary["completed"], summary["jobs"], summary["rss"]["after_warmup_mb"], summary["rss"]["end_mb"],
              summary["rss"]["growth_mb"], summary["rss"]["growth_pct"])  # fmt: skip
+
+
+def rss_windows(series: Sequence[tuple[float, float]], warm_at_s: float) -> dict[str, Any]:
+    """min/max RSS (MB) over the first and the last quarter of the samples taken after warm-up, and how much
+    the floor (min) and the ceiling (max) moved between them."""
+    after = [(t, mb) for t, mb in series if t >= warm_at_s]
+    if len(after) < 4:
+        return {"first_quarter_mb": None, "last_quarter_mb": None, "floor_growth_mb": None,
+                "ceiling_growth_mb": None}  # fmt: skip
+    start, end = after[0][0], after[-1][0]
+    span = (end - start) / 4
+    first = [mb for t, mb in after if t <= start + span] or [after[0][1]]
+    last = [mb for t, mb in after if t >= end - span] or [after[-1][1]]
+    return {
+        "first_quarter_mb": [min(first), max(first)],
+        "last_quarter_mb": [min(last), max(last)],
+        "floor_growth_mb": round(min(last) - min(first), 1),
+        "ceiling_growth_mb": round(max(last) - max(first), 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------- local stack

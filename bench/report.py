@@ -63,8 +63,9 @@ def git_info(repo: Path) -> dict[str, Any] | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        # The code that runs: the packages, new (untracked) files included.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench/*.py", "server", "batching", "storage"],
+                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": commit or None, "uncommitted_changes": bool(dirty)} if commit else None
@@ -203,6 +204,12 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{rss['interval_s']} s): **{_f(rss['after_warmup_mb'], 1)} MB** after the first "
                   f"{rss['warmup_jobs']} jobs → **{_f(rss['end_mb'], 1)} MB** at the end: "
                   f"**{_f(rss['growth_mb'], 1, ' MB')}** ({_f(rss['growth_pct'], 2, '%')})."]  # fmt: skip
+        if rss.get("first_quarter_mb"):
+            lines += ["", "RSS rises and falls with every batch, so single samples depend on where they land. Over "
+                      f"the first quarter of the soak after warm-up it ranged {rss['first_quarter_mb'][0]:.0f}–"
+                      f"{rss['first_quarter_mb'][1]:.0f} MB, over the last quarter {rss['last_quarter_mb'][0]:.0f}–"
+                      f"{rss['last_quarter_mb'][1]:.0f} MB: floor {rss['floor_growth_mb']:+.1f} MB (a leak raises "
+                      f"the floor), ceiling {rss['ceiling_growth_mb']:+.1f} MB."]  # fmt: skip
 
     lines += ["", "## Worker processes", "",
               "| run | start s | RSS after warm-up MB | peak RSS MB | GPU memory | exit |",

@@ -153,7 +153,8 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
             lines.append(line)
             if "closed@c1: 50 jobs" in line or proc.poll() is not None:
                 break
-        pid = int(re.search(r"worker pid (\d+)", "".join(lines)).group(1))
+        started = re.search(r"worker pid (\d+) starting \(log (\S+)\)", "".join(lines))
+        pid, workdir = int(started.group(1)), Path(started.group(2)).parent
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any(c.pid == pid for c in children)
         time.sleep(3)
@@ -165,7 +166,8 @@ def test_ctrl_c_stops_everything_it_started(tmp_path):
     assert proc.returncode == 130
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {alive}"
-    # A partial report was written for the point that was interrupted? No point finished: nothing written.
+    assert not workdir.exists()  # the worker's logs and caches went too
+    # No load point had finished, so there is no partial report to write.
     assert not (tmp_path / "load-tiny-cpu.json").exists()
 
 

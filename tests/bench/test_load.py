@@ -118,3 +118,15 @@ def test_compare_points_gives_ratios_of_matching_points():
     assert [p["same_audio"] for p in c["points"]] == [False, False]  # 10 s vs 5 s of audio: not the same work
     same = compare_points(run("a", (1.0, 4.0), (1, 1)), run("b", (1.0, 4.0), (1, 1)))
     assert [p["same_audio"] for p in same["points"]] == [True, True]
+
+
+def test_rss_windows_tell_a_rising_floor_from_a_saw_tooth():
+    from bench.load import rss_windows
+
+    saw = [(t, 1000.0 + (500.0 if t % 4 == 2 else 0.0)) for t in range(0, 100)]
+    w = rss_windows(saw, warm_at_s=10)
+    assert w["first_quarter_mb"] == [1000.0, 1500.0] and w["floor_growth_mb"] == 0 and w["ceiling_growth_mb"] == 0
+    leak = [(t, 1000.0 + 5 * t) for t in range(0, 100)]
+    w = rss_windows(leak, warm_at_s=0)
+    assert w["floor_growth_mb"] > 300 and w["last_quarter_mb"][1] == 1495.0
+    assert rss_windows(leak[:2], 0)["floor_growth_mb"] is None

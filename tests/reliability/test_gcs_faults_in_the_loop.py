@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import uuid
 from collections import Counter
 
 import pytest
@@ -25,8 +26,11 @@ def wav_bytes(f0: float) -> bytes:
     return buf.getvalue()
 
 
+BUCKET = f"faults-{uuid.uuid4().hex[:8]}"  # the emulator is shared by the session's tests
+
+
 def job(voice: str, text: str = "Olá, tudo bem?") -> dict:
-    return {"gen_text": text, "ref_audio_url": f"gs://voices/refs/{voice}.wav", "voice_id": voice, "seed": 3}
+    return {"gen_text": text, "ref_audio_url": f"gs://{BUCKET}/refs/{voice}.wav", "voice_id": voice, "seed": 3}
 
 
 def tally(fake: FakeRunPod, ids: list[str]) -> Counter:
@@ -35,15 +39,15 @@ def tally(fake: FakeRunPod, ids: list[str]) -> Counter:
 
 
 async def test_gcs_faults_are_survived_and_outages_fail_clearly(tmp_path, emulator, service_account):
-    emulator.create_bucket("voices")
+    emulator.create_bucket(BUCKET)
     for i, voice in enumerate(["v0", "v1", "v2", "v3", "v9"]):
-        emulator.put_object("voices", f"refs/{voice}.wav", wav_bytes(100 + 30 * i), "audio/wav")
+        emulator.put_object(BUCKET, f"refs/{voice}.wav", wav_bytes(100 + 30 * i), "audio/wav")
     async with FaultProxy(emulator.url) as proxy, FakeRunPod() as fake:
         env = worker_env(
             fake, tmp_path, STORAGE_BACKEND="gcs", STORAGE_EMULATOR_HOST=proxy.url,
             GCS_CREDENTIALS=service_account.json, STORAGE_RETRY_BASE_S="0.05", STORAGE_RETRY_MAX_BACKOFF_S="0.3",
             STORAGE_RETRY_DEADLINE_S="4", STORAGE_MAX_RETRIES="8", STORAGE_TIMEOUT_S="2",
-            MAX_CONCURRENCY="8", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="30",
+            MAX_CONCURRENCY="8", MAX_BATCH_SIZE="4", BATCH_WAIT_MS="30", GCS_BUCKET_NAME=BUCKET,
         )  # fmt: skip
         worker = await start_worker(fake, env, tmp_path / "worker.log")
         try:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -122,8 +123,9 @@ async def test_secrets_never_reach_logs_outputs_or_metrics(tmp_path, service_acc
     needles = [key_lines[0], key_lines[len(key_lines) // 2], key_lines[-2], planted["private_key_id"],
                "PLANTED-SECRET-MARKER"]  # fmt: skip
     signature = "deadbeefcafebabe0123456789abcdef"
-    emulator.create_bucket("voices")
-    emulator.put_object("voices", "refs/c.wav", _wav_bytes(), "audio/wav")
+    bucket = f"secrets-{uuid.uuid4().hex[:8]}"  # the emulator is shared by the session's tests
+    emulator.create_bucket(bucket)
+    emulator.put_object(bucket, "refs/c.wav", _wav_bytes(), "audio/wav")
     gcs_emulator = emulator
     async with FakeRunPod() as fake:
         from bench.gcs_emulator import free_port
@@ -131,12 +133,13 @@ async def test_secrets_never_reach_logs_outputs_or_metrics(tmp_path, service_acc
         port = free_port()
         env = worker_env(fake, tmp_path, STORAGE_BACKEND="gcs", STORAGE_EMULATOR_HOST=gcs_emulator.url,
                          GCS_CREDENTIALS=json.dumps(planted), LOG_LEVEL="DEBUG", METRICS_PORT=str(port),
-                         ALLOW_LOOPBACK_REF_URLS="1", ALLOWED_REF_HOSTS="127.0.0.1")  # fmt: skip
+                         ALLOW_LOOPBACK_REF_URLS="1", ALLOWED_REF_HOSTS="127.0.0.1",
+                         GCS_BUCKET_NAME=bucket)  # fmt: skip
         worker = await start_worker(fake, env, tmp_path / "worker.log")
         try:
-            signed_ref = f"{gcs_emulator.url}/voices/refs/c.wav?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature={signature}"
+            signed_ref = f"{gcs_emulator.url}/{bucket}/refs/c.wav?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature={signature}"
             ids = [
-                fake.enqueue(job("gs://voices/refs/c.wav", "voz_c")),
+                fake.enqueue(job(f"gs://{bucket}/refs/c.wav", "voz_c")),
                 fake.enqueue(job(signed_ref.replace("refs/c.wav", "refs/missing.wav"), "voz_d")),  # a 404
                 fake.enqueue({"gen_text": 3, "voice_id": "x", "ref_audio_url": signed_ref}),  # a bad input
             ]
