@@ -615,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, argv)
     except ValueError as exc:
         parser.error(str(exc))
+    # Ctrl-C must stop the run even when a parent shell started us with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(_amain(bench))
     except KeyboardInterrupt:
