@@ -112,6 +112,8 @@ def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
 
 
 class XttsEngine:
+    fold_weight_norm = True  # see _remove_weight_norm; StockEngine keeps stock XTTS's vocoder as it is
+
     def __init__(
         self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto"
     ):
@@ -143,7 +145,8 @@ class XttsEngine:
             raise ValueError(f"XTTS_VOCODER_BATCHING must be auto, batched or per_row, got {vocoder!r}")
         # Measured on a 2-core CPU: one row at a time is faster than a padded batch (bench/engine.py --vocoder).
         self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
-        _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
+        if self.fold_weight_norm:
+            _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
 
     @classmethod
     def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto"):

@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-dir", help="a checkpoint folder instead of a demo checkpoint")
     g.add_argument("--device", default="cpu", help="XTTS_DEVICE of the worker: cpu, cuda, cuda:N, auto")
     g.add_argument("--configs", default="baseline,batched",
-                   help="configurations to run, in order: baseline (MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, "
-                   "BATCH_WAIT_MS=0, LATENT_CACHE=off) and/or batched")  # fmt: skip
+                   help="configurations to run, in order: baseline (the seed: XTTS_ENGINE=stock, "
+                   "MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0, LATENT_CACHE=off), unbatched (the "
+                   "same settings on this worker's engine) and/or batched")  # fmt: skip
     g.add_argument("--order", default="interleaved", choices=["interleaved", "sequential"],
                    help="interleaved: every configuration's worker up at once, each load point run on one "
                    "configuration after the other; sequential: one configuration (worker) after the other, "
@@ -300,8 +301,8 @@ class Bench:
 
         from bench.gcs_emulator import GcsEmulator
         from bench.load import (
-            BASELINE_SETTINGS, LocalOptions, RunRecord, batched_settings, check_device, checkpoint_dir,
-            cleanup_workdir, new_workdir, plan_points, split_gs_url, voice_wav_bytes,
+            BASELINE_SETTINGS, UNBATCHED_SETTINGS, LocalOptions, RunRecord, batched_settings, check_device,
+            checkpoint_dir, cleanup_workdir, new_workdir, plan_points, split_gs_url, voice_wav_bytes,
         )  # fmt: skip
 
         a = self.args
@@ -323,7 +324,7 @@ class Bench:
         self.extra["gcs"] = {"emulator": "fake-gcs-server (memory backend) on 127.0.0.1",
                              "fault_proxy": use_proxy, "latencies_ms": latencies, "fail_503": a.gcs_fail,
                              "resets": a.gcs_resets}  # fmt: skip
-        settings = {"baseline": dict(BASELINE_SETTINGS),
+        settings = {"baseline": dict(BASELINE_SETTINGS), "unbatched": dict(UNBATCHED_SETTINGS),
                     "batched": batched_settings(a.max_concurrency, a.max_batch_size, a.batch_wait_ms)}
         bucket, _ = split_gs_url(a.ref_url_template.format(voice=0))
         workdir = new_workdir()
@@ -470,10 +471,13 @@ class Bench:
         points = self.extra.get("points", [])
         ratios, gcs = [], []
         for run in runs:
-            base = next((r for r in runs if r["config"] == "baseline" and r["gcs_latency_ms"] == run["gcs_latency_ms"]),
-                        None)  # fmt: skip
-            if base is not None and run is not base:
-                ratios.append(compare_points(run, base))
+            # Every run against the baseline (the seed); batched also against unbatched (what batching and the
+            # caches buy on this worker's own engine).
+            for denominator in ("baseline", "unbatched") if run["config"] == "batched" else ("baseline",):
+                base = next((r for r in runs if r["config"] == denominator
+                             and r["gcs_latency_ms"] == run["gcs_latency_ms"]), None)  # fmt: skip
+                if base is not None and run is not base:
+                    ratios.append(compare_points(run, base))
             if run["gcs_latency_ms"] and a.target == "local" and a.compare_gcs_latency is not None:
                 ref = next((r for r in runs if r["config"] == run["config"]
                             and r["gcs_latency_ms"] == a.gcs_latency_ms), None)  # fmt: skip
@@ -520,13 +524,17 @@ class Bench:
                              if a.order == "interleaved" else
                              "sequential — one worker per configuration, stopped before the next one started."))
             notes.append(
-                "Baseline = the seed's behaviour as worker settings: MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, "
-                "BATCH_WAIT_MS=0 and LATENT_CACHE=off (speaker latents recomputed for every job). "
-                "LATENT_CACHE_SIZE=1 and LATENT_CACHE_DIR='' are set too: the emulation used before the worker had "
-                "the LATENT_CACHE switch (harmless beside it). The reference-audio disk cache stays on, as in the "
-                "seed.")
+                "Baseline = the seed's behaviour as worker settings: XTTS_ENGINE=stock (each row decoded as stock "
+                "Xtts.inference does: Hugging Face generate, a second full GPT pass for the vocoder latents, "
+                "HiFi-GAN with its weight norm), MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0 and "
+                "LATENT_CACHE=off (speaker latents recomputed for every job). LATENT_CACHE_SIZE=1 and "
+                "LATENT_CACHE_DIR='' are set too: the emulation used before the worker had the LATENT_CACHE switch "
+                "(harmless beside it). The reference-audio disk cache stays on, as in the seed. "
+                "Unbatched (when run) = the same settings on this worker's own engine (XTTS_ENGINE=batched): "
+                "batched/unbatched is what batching and the caches buy, batched/baseline what the whole worker "
+                "buys over the seed.")
             for run in runs:
-                if run["config"] != "baseline":
+                if run["config"] not in ("baseline", "unbatched"):
                     continue
                 hits = sum(((p.get("worker_metrics") or {}).get("caches", {}).get("latents") or {}).get("hits", 0)
                            for p in run["points"])  # fmt: skip

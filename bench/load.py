@@ -4,10 +4,10 @@
                     -> FakeRunPod job service <- this load generator
     endpoint:       this load generator -> RunPod endpoint (/run + /status, or /runsync)
 
-For the local target each configuration (baseline, batched) gets ONE fresh worker process, with empty caches,
-that serves every load point of that configuration in turn (closed-loop concurrencies, then open-loop rates,
-then the soak); it is stopped (SIGTERM) before the next configuration starts. Both configurations are offered
-exactly the same jobs (bench.workload, one seeded stream per load point).
+For the local target each configuration (baseline, unbatched, batched) gets ONE fresh worker process, with empty
+caches, that serves every load point of that configuration in turn (closed-loop concurrencies, then open-loop
+rates, then the soak). Every configuration is offered exactly the same jobs (bench.workload, one seeded stream
+per load point).
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
 # The seed's behaviour, as worker settings: one job at a time, one row per batch, no waiting for company, speaker
-# latents recomputed for every job. LATENT_CACHE=off is the worker's switch for the last; LATENT_CACHE_SIZE=1 and
-# LATENT_CACHE_DIR='' are the emulation used before that switch existed (harmless together with it).
-BASELINE_SETTINGS: dict[str, str] = {
+# latents recomputed for every job, and each row decoded as stock `Xtts.inference` decodes it (XTTS_ENGINE=stock:
+# HF generate, a second GPT pass, HiFi-GAN with weight norm). LATENT_CACHE=off is the worker's switch for the
+# latents; LATENT_CACHE_SIZE=1 and LATENT_CACHE_DIR='' are the emulation used before that switch existed.
+UNBATCHED_SETTINGS: dict[str, str] = {
     "MAX_CONCURRENCY": "1",
     "MAX_BATCH_SIZE": "1",
     "BATCH_WAIT_MS": "0",
@@ -51,7 +52,10 @@ BASELINE_SETTINGS: dict[str, str] = {
     "LATENT_CACHE_SIZE": "1",
     "LATENT_CACHE_DIR": "",
 }
-CONFIG_NAMES = ("baseline", "batched")
+BASELINE_SETTINGS: dict[str, str] = {**UNBATCHED_SETTINGS, "XTTS_ENGINE": "stock"}
+# baseline: the seed (stock path + seed settings); unbatched: this worker's engine with the seed's settings (what
+# the engine alone buys, without batching or caches); batched: the worker as deployed.
+CONFIG_NAMES = ("baseline", "unbatched", "batched")
 
 # Variables the worker reads (server/config.py, storage/config.py) or the SDK reacts to: never inherited from
 # the shell that runs the bench, so a stray export cannot change what is measured (or reach a real bucket).
@@ -179,7 +183,9 @@ def worker_metrics(before: Snapshot | None, after: Snapshot | None) -> dict[str,
         jobs[status] = jobs.get(status, 0) + int(value - before.samples.get(("xtts_jobs_total", labels), 0.0))
     gpu = {dict(labels).get("kind", "?"): int(v) for labels, v in after.series("xtts_gpu_memory_bytes").items()}
     rtf = histogram_delta(before, after, "xtts_real_time_factor_ratio")
+    engine = [dict(labels) for labels, v in after.series("xtts_engine_info").items() if v == 1]
     return {
+        "engine": engine[0] if engine else None,
         "batch_size_rows": histogram_delta(before, after, "xtts_batch_size_rows"),
         "caches": caches,
         "stages": stages,
@@ -264,7 +270,7 @@ def compare_points(numerator: dict, denominator: dict) -> dict[str, Any]:
 class RunRecord:
     """One configuration (on one worker process, or one endpoint) and everything measured on it."""
 
-    run: str  # e.g. "baseline", "batched", "batched+gcs200ms"
+    run: str  # e.g. "baseline", "unbatched", "batched", "batched+gcs200ms"
     config: str
     gcs_latency_ms: float = 0.0
     settings: dict[str, str] = field(default_factory=dict)

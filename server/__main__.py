@@ -45,17 +45,19 @@ def load_engine(config):
     """Load the model and warm it up (first conditioning and one short batch), so the first job is not slow."""
     from batching import XttsEngine
     from batching.engine import SamplingParams, Segment
+    from batching.stock import StockEngine
     from bench.voices import synthetic_voice
 
     started = time.perf_counter()
-    engine = XttsEngine.load(
+    engine_class = StockEngine if config.engine == "stock" else XttsEngine
+    engine = engine_class.load(
         config.model_dir, model=config.model, device=config.device,
         gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching,
     )  # fmt: skip
     voice = engine.condition(synthetic_voice(2.0, sr=engine.input_sample_rate), engine.input_sample_rate)
     tokens = engine.tokenize("Warm up.", "en")
     engine.generate([Segment(tokens, 8, voice, SamplingParams(seed=0))] * min(2, config.max_batch_size))
-    log.info("engine ready on %s in %.1f s (%s)", engine.device, time.perf_counter() - started,
+    log.info("%s engine ready on %s in %.1f s (%s)", config.engine, engine.device, time.perf_counter() - started,
              "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2")  # fmt: skip
     return engine
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return EXIT_CONFIG
         raise
+    metrics.set_engine(config.engine, str(engine.device), "batched" if engine.vocoder_batched else "per_row")
     metrics.update_gpu_memory()
 
     _prepare_sdk_environment()

@@ -19,6 +19,8 @@ Variables read here (defaults in brackets):
     LATENT_CACHE_DIR      speaker latents persisted on disk ('' = off)             [/tmp/latent_cache]
     LATENT_CACHE_DISK_ENTRIES  most latent files kept on disk                       [2000]
     XTTS_VOCODER_BATCHING auto | batched | per_row (auto: batched on CUDA)          [auto]
+    XTTS_ENGINE           batched | stock: stock decodes row by row as Xtts.inference (the seed's path,
+                          for benchmark baselines)                                  [batched]
     MAX_TEXT_CHARS        longest gen_text accepted                                 [5000]
     JOB_TIMEOUT_S         a job still unfinished after this fails                   [600]
     METRICS_PORT          Prometheus endpoint port; 0 turns it off                  [9090]
@@ -39,6 +41,7 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 GPT_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
+ENGINES: tuple[str, ...] = ("batched", "stock")
 # batching.loading.RELEASED_MODELS holds the same names; it is not imported here because it pulls in torch.
 RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
 
@@ -169,6 +172,7 @@ class WorkerConfig:
     latent_cache_dir: str | None = "/tmp/latent_cache"
     latent_cache_disk_entries: int = 2000
     vocoder_batching: str = "auto"
+    engine: str = "batched"
     max_text_chars: int = 5000
     job_timeout_s: float = 600.0
     metrics_port: int = 9090
@@ -206,6 +210,7 @@ class WorkerConfig:
             latent_cache_dir=env.get("LATENT_CACHE_DIR", "/tmp/latent_cache").strip() or None,
             latent_cache_disk_entries=read.integer("LATENT_CACHE_DISK_ENTRIES", 2000, minimum=1),
             vocoder_batching=read.choice("XTTS_VOCODER_BATCHING", "auto", VOCODER_MODES),
+            engine=read.choice("XTTS_ENGINE", "batched", ENGINES),
             max_text_chars=read.integer("MAX_TEXT_CHARS", 5000, minimum=1),
             job_timeout_s=read.number("JOB_TIMEOUT_S", 600.0, minimum=0.0, exclusive=True),
             metrics_port=read.integer("METRICS_PORT", 9090, minimum=0, maximum=65535),
@@ -219,6 +224,9 @@ class WorkerConfig:
     def advisories(self) -> list[str]:
         """Settings that are valid but probably not what the operator wants; the worker logs them at start."""
         notes = []
+        if self.engine == "stock":
+            notes.append("XTTS_ENGINE=stock decodes one row at a time the way stock Xtts.inference does: a benchmark "
+                         "baseline, several times slower than the batched engine")
         if self.max_concurrency < 2 * self.max_batch_size:
             notes.append(
                 f"MAX_CONCURRENCY={self.max_concurrency} is less than twice MAX_BATCH_SIZE={self.max_batch_size}: "
@@ -240,6 +248,7 @@ class WorkerConfig:
             "latent_cache_size": self.latent_cache_size,
             "latent_cache_dir": self.latent_cache_dir,
             "vocoder_batching": self.vocoder_batching,
+            "engine": self.engine,
             "max_text_chars": self.max_text_chars,
             "job_timeout_s": self.job_timeout_s,
             "metrics_port": self.metrics_port,

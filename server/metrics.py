@@ -17,6 +17,7 @@ Names carry their unit; labels are small closed sets:
     xtts_storage_retries_total{reason}               counter
     xtts_storage_errors_total{reason}                counter
     xtts_gpu_memory_bytes{kind}                      gauge      kind: allocated | reserved; only with CUDA
+    xtts_engine_info{engine,device,vocoder}          gauge      1 for the engine this worker runs (set once)
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ class Metrics:
         self.gpu_memory = Gauge(
             "xtts_gpu_memory_bytes", "CUDA memory held by the worker's torch allocator.", ["kind"], registry=registry
         )
+        self.engine_info = Gauge(
+            "xtts_engine_info", "The engine this worker runs (value 1).", ["engine", "device", "vocoder"],
+            registry=registry,
+        )  # fmt: skip
         # Show every cache and stage at 0 from the start, so dashboards and rate() see the series before the
         # first event.
         for cache in CACHES:
@@ -123,6 +128,9 @@ class Metrics:
         if audio_s > 0:
             self.audio_seconds.inc(audio_s)
             self.real_time_factor.observe(max(0.0, engine_s) / audio_s)
+
+    def set_engine(self, engine: str, device: str, vocoder: str) -> None:
+        self.engine_info.labels(engine=engine, device=device, vocoder=vocoder).set(1)
 
     def update_gpu_memory(self, torch_module: Any = None) -> bool:
         """Set the GPU memory gauge from torch's allocator; False (and nothing set) without CUDA.

@@ -118,24 +118,32 @@ def test_endpoint_target_runs_against_the_local_test_api(local_test_api, tmp_pat
 def test_local_target_baseline_beside_batched(tmp_path):
     out = tmp_path / "results"
     done = _bench("--concurrencies", "3", "--jobs", "3", "--voices", "2", "--warmup-jobs", "1",
-                  "--out-dir", str(out), "--name", "local")  # fmt: skip
+                  "--configs", "baseline,unbatched,batched", "--out-dir", str(out), "--name", "local")  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((out / "local.json").read_text())
-    assert [r["run"] for r in report["runs"]] == ["baseline", "batched"]
-    baseline, batched = report["runs"]
-    assert baseline["settings"]["LATENT_CACHE"] == "off" and baseline["settings"]["MAX_BATCH_SIZE"] == "1"
+    assert [r["run"] for r in report["runs"]] == ["baseline", "unbatched", "batched"]
+    baseline, unbatched, batched = report["runs"]
+    for run in (baseline, unbatched):
+        assert run["settings"]["LATENT_CACHE"] == "off" and run["settings"]["MAX_BATCH_SIZE"] == "1"
     assert batched["settings"]["MAX_BATCH_SIZE"] == "8"
+    # The baseline ran the seed's decoding path; the others this worker's engine (from the worker's own metrics).
+    engines = [r["points"][0]["worker_metrics"]["engine"] for r in report["runs"]]
+    assert [e["engine"] for e in engines] == ["stock", "batched", "batched"]
+    assert all(e["device"] == "cpu" and e["vocoder"] == "per_row" for e in engines)
     for run in report["runs"]:
         (point,) = run["points"]
         assert (point["completed"], point["errors"]) == (3, 0)
         assert run["worker"]["exit_status"] == 0 and run["worker"]["peak_rss_mb"] > 100
         assert not psutil.pid_exists(run["worker"]["pid"]) or psutil.Process(run["worker"]["pid"]).status() == "zombie"
-    # The same work for both: same jobs, same audio.
-    assert baseline["points"][0]["audio_s"] == batched["points"][0]["audio_s"]
+    # The same work for all: same jobs, same audio.
+    assert baseline["points"][0]["audio_s"] == unbatched["points"][0]["audio_s"] == batched["points"][0]["audio_s"]
     # The baseline really recomputed latents; batching really batched.
     assert baseline["points"][0]["worker_metrics"]["caches"]["latents"]["hits"] == 0
     assert baseline["points"][0]["worker_metrics"]["batch_size_rows"]["mean"] == 1.0
-    assert report["ratios"][0]["numerator"] == "batched" and report["ratios"][0]["points"][0]["audio_s_per_s"] > 0
+    pairs = [(r["numerator"], r["denominator"]) for r in report["ratios"]]
+    assert pairs == [("unbatched", "baseline"), ("batched", "baseline"), ("batched", "unbatched")]
+    assert all(r["points"][0]["audio_s_per_s"] > 0 and r["points"][0]["same_audio"] for r in report["ratios"])
+    assert "| batched | closed@c3 | 3 | 3 | 0 |" in (out / "local.md").read_text()
     for key in ("date", "command", "machine", "model", "device", "configs"):
         assert report[key]
     assert (out / "local.png").stat().st_size > 10_000
