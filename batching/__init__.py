@@ -1,27 +1,37 @@
-"""The GPU side: the XTTS engine, the batch policy, the scheduler and the speaker-latent cache."""
+"""The GPU side: the XTTS engine, the batch policy, the scheduler and the speaker-latent cache.
 
-from batching.engine import SamplingParams, Synthesis, VoiceLatents, XttsEngine
-from batching.errors import EngineError, FatalEngineError, InputError, ModelNotLoadedError
-from batching.languages import SUPPORTED_LANGUAGES, normalize_language
-from batching.latents import LatentCache, model_fingerprint
-from batching.scheduler import JobTimeoutError, Observer, Scheduler, SynthesisRequest, SynthesisResult
+Names are exported lazily (PEP 562): `import batching.languages` or `batching.errors` does not import torch, so
+the worker's configuration can validate a language in milliseconds.
+"""
 
-__all__ = [
-    "SUPPORTED_LANGUAGES",
-    "EngineError",
-    "FatalEngineError",
-    "InputError",
-    "JobTimeoutError",
-    "LatentCache",
-    "ModelNotLoadedError",
-    "Observer",
-    "SamplingParams",
-    "Scheduler",
-    "Synthesis",
-    "SynthesisRequest",
-    "SynthesisResult",
-    "VoiceLatents",
-    "XttsEngine",
-    "model_fingerprint",
-    "normalize_language",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "SamplingParams": "batching.engine",
+    "Synthesis": "batching.engine",
+    "VoiceLatents": "batching.engine",
+    "XttsEngine": "batching.engine",
+    "EngineError": "batching.errors",
+    "FatalEngineError": "batching.errors",
+    "InputError": "batching.errors",
+    "ModelNotLoadedError": "batching.errors",
+    "SUPPORTED_LANGUAGES": "batching.languages",
+    "normalize_language": "batching.languages",
+    "LatentCache": "batching.latents",
+    "model_fingerprint": "batching.latents",
+    "JobTimeoutError": "batching.scheduler",
+    "Observer": "batching.scheduler",
+    "Scheduler": "batching.scheduler",
+    "SynthesisRequest": "batching.scheduler",
+    "SynthesisResult": "batching.scheduler",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'batching' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

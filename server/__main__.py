@@ -45,8 +45,8 @@ def load_engine(config):
     """Load the model and warm it up (first conditioning and one short batch), so the first job is not slow."""
     from batching import XttsEngine
     from batching.engine import SamplingParams, Segment
+    from batching.demo import synthetic_voice
     from batching.stock import StockEngine
-    from bench.voices import synthetic_voice
 
     started = time.perf_counter()
     engine_class = StockEngine if config.engine == "stock" else XttsEngine

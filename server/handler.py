@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batching import InputError, SamplingParams, SynthesisRequest
+from batching import InputError, SamplingParams, SynthesisRequest, SynthesisResult
 from server.config import WorkerConfig
 from server.metrics import Metrics
 from server.validation import TTSRequest, ValidationError, error_output, validate_request
 from storage import StorageInputError, decode_reference_async, encode_async, store_result
+from storage.cache import CachedReference
 from storage.errors import InvalidAudioError
 from storage.urls import redact_url
 
@@ -130,48 +131,7 @@ class TTSHandler:
             request.repetition_penalty, request.seed,
         )  # fmt: skip
 
-        t0 = ctx.clock()
-        # Pinned until the scheduler has the voice: a full cache cannot evict the file before it is decoded.
-        try:
-            async with ctx.references.use(request.voice_id, request.ref_audio_url) as reference:
-                download_s = ctx.clock() - t0
-                if metrics:
-                    metrics.record_cache("reference_audio", reference.hit)
-                    metrics.cache_bytes.labels(cache="reference_audio").set(ctx.references.bytes)
-                    if not reference.hit:
-                        metrics.observe_stage("download", download_s)
-                if reference.hit:
-                    jlog.info("[%s] reference audio in cache: %s (%d bytes)", job_id, request.voice_id, reference.size)
-                else:
-                    jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
-
-                async def load_reference():
-                    # Called by the scheduler only when the voice's latents are not cached.
-                    wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
-                    return wav, ctx.reference_sample_rate
-
-                scheduler = ctx.scheduler
-                remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
-                synthesis = SynthesisRequest(
-                    text=request.gen_text,
-                    language=request.language,
-                    voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents
-                    load_reference=load_reference,
-                    params=SamplingParams(
-                        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                        repetition_penalty=request.repetition_penalty, speed=request.speed, seed=request.seed,
-                    ),  # fmt: skip
-                    request_id=job_id,
-                    deadline=scheduler.clock() + max(0.0, remaining_s),
-                    on_progress=self._progress_reporter(job) if ctx.progress else None,
-                )
-                jlog.info("[%s] generating audio with XTTS v2...", job_id)
-                t0 = ctx.clock()
-                result = await scheduler.submit(synthesis)
-        except InvalidAudioError:
-            ctx.references.discard(request.voice_id, request.ref_audio_url)  # fetch afresh next time
-            raise
-        generation_s = ctx.clock() - t0
+        reference, result, generation_s = await self._synthesize(job_id, request, jlog, started, job)
         if metrics:
             metrics.observe_stage("queue_wait", result.queue_wait_s)
             metrics.observe_stage("generation", result.engine_s)
@@ -215,6 +175,66 @@ class TTSHandler:
             "segments": result.segments,
             "total_time": round(total_s, 2),
         }
+
+    async def _synthesize(
+        self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
+    ) -> tuple[CachedReference, SynthesisResult, float]:
+        """Find or fetch the reference, then hand the job to the scheduler: (reference, result, seconds it took).
+
+        The reference stays pinned until the scheduler has the voice, so a full cache cannot evict the file
+        before it is decoded. A file that does not decode is dropped from the cache: it is fetched afresh next time.
+        """
+        ctx = self.ctx
+        t0 = ctx.clock()
+        try:
+            async with ctx.references.use(request.voice_id, request.ref_audio_url) as reference:
+                self._note_reference(job_id, jlog, request.voice_id, reference, ctx.clock() - t0)
+                jlog.info("[%s] generating audio with XTTS v2...", job_id)
+                t0 = ctx.clock()
+                result = await ctx.scheduler.submit(self._synthesis_request(job_id, request, reference, started, job))
+                return reference, result, ctx.clock() - t0
+        except InvalidAudioError:
+            ctx.references.discard(request.voice_id, request.ref_audio_url)
+            raise
+
+    def _note_reference(
+        self, job_id: str, jlog: logging.LoggerAdapter, voice_id: str, reference: CachedReference, download_s: float
+    ) -> None:
+        ctx, metrics = self.ctx, self.ctx.metrics
+        if metrics:
+            metrics.record_cache("reference_audio", reference.hit)
+            metrics.cache_bytes.labels(cache="reference_audio").set(ctx.references.bytes)
+            if not reference.hit:
+                metrics.observe_stage("download", download_s)
+        if reference.hit:
+            jlog.info("[%s] reference audio in cache: %s (%d bytes)", job_id, voice_id, reference.size)
+        else:
+            jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
+
+    def _synthesis_request(
+        self, job_id: str, request: TTSRequest, reference: CachedReference, started: float, job: dict
+    ) -> SynthesisRequest:
+        ctx = self.ctx
+
+        async def load_reference():
+            # Called by the scheduler only when the voice's latents are not cached.
+            wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
+            return wav, ctx.reference_sample_rate
+
+        remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
+        return SynthesisRequest(
+            text=request.gen_text,
+            language=request.language,
+            voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents
+            load_reference=load_reference,
+            params=SamplingParams(
+                temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
+                repetition_penalty=request.repetition_penalty, speed=request.speed, seed=request.seed,
+            ),  # fmt: skip
+            request_id=job_id,
+            deadline=ctx.scheduler.clock() + max(0.0, remaining_s),
+            on_progress=self._progress_reporter(job) if ctx.progress else None,
+        )
 
     def _progress_reporter(self, job: dict) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:

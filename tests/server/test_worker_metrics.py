@@ -28,7 +28,14 @@ def test_every_family_is_registered_with_a_unit_in_its_name(metrics):
         "xtts_queue_depth_requests", "xtts_jobs_in_flight", "xtts_cache_hits", "xtts_cache_misses",
         "xtts_cache_size_bytes", "xtts_audio_generated_seconds", "xtts_real_time_factor_ratio",
         "xtts_storage_retries", "xtts_storage_errors", "xtts_gpu_memory_bytes",
+        "xtts_engine_info",  # an info gauge: Prometheus's convention is the _info suffix, no unit
     }  # fmt: skip
+
+
+def test_engine_info_names_the_engine_the_worker_runs(metrics):
+    assert value(metrics, "xtts_engine_info", engine="stock", device="cpu", vocoder="per_row") is None
+    metrics.set_engine("stock", "cpu", "per_row")
+    assert value(metrics, "xtts_engine_info", engine="stock", device="cpu", vocoder="per_row") == 1
 
 
 def test_two_registries_do_not_share_state():
