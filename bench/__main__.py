@@ -517,22 +517,35 @@ class Bench:
         a = self.args
         notes = []
         if a.target == "local":
-            notes.append(
-                "Order: " + ("interleaved — every configuration's worker was up for the whole run, and each load "
-                             "point ran on one configuration right after the other, so slow changes in the "
-                             "machine's background load hit both alike."
-                             if a.order == "interleaved" else
-                             "sequential — one worker per configuration, stopped before the next one started."))
-            notes.append(
-                "Baseline = the seed's behaviour as worker settings: XTTS_ENGINE=stock (each row decoded as stock "
-                "Xtts.inference does: Hugging Face generate, a second full GPT pass for the vocoder latents, "
-                "HiFi-GAN with its weight norm), MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0 and "
-                "LATENT_CACHE=off (speaker latents recomputed for every job). LATENT_CACHE_SIZE=1 and "
-                "LATENT_CACHE_DIR='' are set too: the emulation used before the worker had the LATENT_CACHE switch "
-                "(harmless beside it). The reference-audio disk cache stays on, as in the seed. "
-                "Unbatched (when run) = the same settings on this worker's own engine (XTTS_ENGINE=batched): "
-                "batched/unbatched is what batching and the caches buy, batched/baseline what the whole worker "
-                "buys over the seed.")
+            configs = {r["config"] for r in runs}
+            if len(configs) > 1:
+                notes.append(
+                    "Order: " + ("interleaved — every configuration's worker was up for the whole run, and each "
+                                 "load point ran on one configuration right after the other, so slow changes in the "
+                                 "machine's background load hit them alike."
+                                 if a.order == "interleaved" else
+                                 "sequential — one worker per configuration, stopped before the next one started."))
+            if configs & {"baseline", "unbatched"}:
+                notes.append(
+                    "Baseline = the seed's behaviour as worker settings: XTTS_ENGINE=stock (each row decoded as "
+                    "stock Xtts.inference does: Hugging Face generate, a second full GPT pass for the vocoder "
+                    "latents, HiFi-GAN with its weight norm), MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0 "
+                    "and LATENT_CACHE=off (speaker latents recomputed for every job). LATENT_CACHE_SIZE=1 and "
+                    "LATENT_CACHE_DIR='' are set too: the emulation used before the worker had the LATENT_CACHE "
+                    "switch (harmless beside it). The reference-audio disk cache stays on, as in the seed. "
+                    "Unbatched (when run) = the same settings on this worker's own engine (XTTS_ENGINE=batched): "
+                    "batched/unbatched is what batching and the caches buy, batched/baseline what the whole worker "
+                    "buys over the seed.")
+                notes.append(
+                    "The MAX_CONCURRENCY=1 of baseline and unbatched includes the RunPod SDK's own pause: with every "
+                    "slot busy, JobScaler sleeps 1 s before asking for the next job (runpod 1.12). The seed ran "
+                    "with the SDK's default concurrency of 1 and paid the same.")
+            engines = {r["run"]: next(((p.get("worker_metrics") or {}).get("engine") for p in r["points"]
+                                       if (p.get("worker_metrics") or {}).get("engine")), None) for r in runs}  # fmt: skip
+            if any(engines.values()):
+                notes.append("Engines, as each worker's xtts_engine_info reported them: " + ", ".join(
+                    f"{run} = {e['engine']} (vocoder {e['vocoder']}, {e['device']})" if e else f"{run} = not reported"
+                    for run, e in engines.items()) + ".")  # fmt: skip
             for run in runs:
                 if run["config"] not in ("baseline", "unbatched"):
                     continue
@@ -543,10 +556,6 @@ class Bench:
                 notes.append(f"Checked in {run['run']}: {hits} latent-cache hits and {misses} misses "
                              f"(computed conditionings) in the measured points"
                              + ("." if hits == 0 else " — NOT the seed's behaviour: the worker reused latents."))
-            notes.append(
-                "The baseline's MAX_CONCURRENCY=1 includes the RunPod SDK's own pause: with every slot busy, "
-                "JobScaler sleeps 1 s before asking for the next job (runpod 1.12). The seed ran with the SDK's "
-                "default concurrency of 1 and paid the same.")
             if (self.extra.get("model") or {}).get("demo"):
                 notes.append(
                     "Demo checkpoint: the released architecture with random weights (it speaks noise); each segment "

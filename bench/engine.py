@@ -8,7 +8,10 @@
     requests decoded in batches of B rows, for each B.
 
 Both generate the same requests (same texts, languages, voices, sampling parameters) with the same demo length
-rule. The score is audio-seconds generated per wall-clock second; the report gives the ratio b/a.
+rule. The score is audio-seconds generated per wall-clock second; the report gives the ratio b/a. By default every
+path runs twice, in forward then backward order (ABBA), and its two runs are summed: a machine that gets busier or
+quieter during the run then biases no path. A last row times the vocoder alone on the same segments: on a CPU it
+is the ceiling of every path (HiFi-GAN has a fixed size and does not batch there).
 Results go to bench/results/engine-<size>-<device>.json and a Markdown table on stdout.
 """
 
@@ -93,7 +96,7 @@ def seed_path(engine, requests: list[Request], refs: list[Path], params) -> tupl
     return audio_s, time.perf_counter() - started
 
 
-def batched_path(engine, requests: list[Request], latents: list, params, batch_size: int) -> tuple[float, float]:
+def _segments(engine, requests: list[Request], latents: list, params) -> list:
     from dataclasses import replace
 
     from batching.engine import Segment
@@ -104,12 +107,34 @@ def batched_path(engine, requests: list[Request], latents: list, params, batch_s
             segments.append(Segment(piece.tokens, len(piece.text), latents[r.voice], replace(params, seed=r.seed)))
     # Similar lengths together, as the scheduler's policy does.
     segments.sort(key=lambda s: len(s.tokens))
+    return segments
+
+
+def batched_path(engine, requests: list[Request], latents: list, params, batch_size: int) -> tuple[float, float]:
+    segments = _segments(engine, requests, latents, params)
     audio_s = 0.0
     started = time.perf_counter()
     for i in range(0, len(segments), batch_size):
         for audio in engine.generate(segments[i : i + batch_size]):
             audio_s += len(audio.wav) / engine.sample_rate
     return audio_s, time.perf_counter() - started
+
+
+def vocoder_alone(engine, requests: list[Request], latents: list, params) -> tuple[float, float]:
+    """The engine's vocoder step alone on the same segments (decoded first, untimed): (audio seconds, seconds)."""
+    import torch
+
+    audio_s = wall_s = 0.0
+    segments = _segments(engine, requests, latents, params)
+    with torch.inference_mode():
+        for i in range(0, len(segments), 8):
+            chunk = segments[i : i + 8]
+            _codes, gpt_latents = engine._decode(chunk)
+            started = time.perf_counter()
+            wavs = engine._vocode(gpt_latents, [s.voice.speaker_embedding for s in chunk], [s.params.speed for s in chunk])
+            wall_s += time.perf_counter() - started
+            audio_s += sum(len(w) for w in wavs) / engine.sample_rate
+    return audio_s, wall_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,17 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocoder", default="auto", choices=["auto", "batched", "per_row"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", default="abba", choices=["abba", "once"],
+                        help="abba: each path twice, forward then backward, summed (drift in the machine's load "
+                        "biases no path; twice as long); once: each path once, in order")  # fmt: skip
     parser.add_argument("--name", help="result file name (default engine-<size>-<device>)")
     ns = parser.parse_args(argv)
 
     import torch
 
     from batching.engine import SamplingParams, XttsEngine
+    from batching.stock import StockEngine
     from bench.voices import demo_checkpoint
 
     batch_sizes = [int(b) for b in ns.batch_sizes.split(",")]
     model_dir = Path(ns.model_dir) if ns.model_dir else demo_checkpoint(ns.size)
     engine = XttsEngine.load(model_dir, device=ns.device, vocoder=ns.vocoder)
+    # The seed's path on a model of its own, loaded as coqui loads it (HiFi-GAN keeps its weight norm; the
+    # batched engine folds it into its copy).
+    stock = StockEngine.load(model_dir, device=ns.device)
     params = SamplingParams(temperature=0.7, top_k=50, top_p=0.85, repetition_penalty=5.0)
     requests = make_requests(ns.requests, ns.voices, ns.seed)
 
@@ -142,21 +174,33 @@ def main(argv: list[str] | None = None) -> int:
 
         # Warm-up (first calls load lazy code paths), not timed.
         warm = requests[:1]
-        seed_path(engine, warm, refs, params)
+        seed_path(stock, warm, refs, params)
         t0 = time.perf_counter()
         latents = [engine.condition(sf.read(p, dtype="float32")[0], 22050) for p in refs]
         conditioning_s = (time.perf_counter() - t0) / len(refs)
         batched_path(engine, warm, latents, params, 1)
 
+        paths = [("seed", 1)] + [("batched", b) for b in batch_sizes]
+        totals = {p: [0.0, 0.0] for p in paths}
+        for path in paths + paths[::-1] if ns.order == "abba" else paths:
+            kind, b = path
+            if kind == "seed":
+                audio, wall = seed_path(stock, requests, refs, params)
+            else:
+                audio, wall = batched_path(engine, requests, latents, params, b)
+            totals[path][0] += audio
+            totals[path][1] += wall
+        seed_rate = totals[("seed", 1)][0] / totals[("seed", 1)][1]
         rows = []
-        audio, wall = seed_path(engine, requests, refs, params)
-        seed_rate = audio / wall
-        rows.append({"path": "seed (conditioning + stock Xtts.inference, one at a time)", "batch_size": 1,
-                     "audio_s": audio, "wall_s": wall, "audio_s_per_s": seed_rate, "ratio": 1.0})  # fmt: skip
-        for b in batch_sizes:
-            audio, wall = batched_path(engine, requests, latents, params, b)
-            rows.append({"path": "batched engine, cached latents", "batch_size": b, "audio_s": audio,
-                         "wall_s": wall, "audio_s_per_s": audio / wall, "ratio": audio / wall / seed_rate})  # fmt: skip
+        for (kind, b), (audio, wall) in totals.items():
+            name = ("seed (conditioning + stock Xtts.inference, one at a time)" if kind == "seed"
+                    else "batched engine, cached latents")  # fmt: skip
+            rows.append({"path": name, "batch_size": b, "audio_s": audio, "wall_s": wall,
+                         "audio_s_per_s": audio / wall, "ratio": audio / wall / seed_rate})  # fmt: skip
+        audio, wall = vocoder_alone(engine, requests, latents, params)
+        rows.append({"path": "vocoder alone, same segments (a ceiling on this device)", "batch_size": None,
+                     "audio_s": audio, "wall_s": wall, "audio_s_per_s": audio / wall,
+                     "ratio": audio / wall / seed_rate})  # fmt: skip
 
     command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
@@ -168,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(engine.device),
         "vocoder": "batched" if engine.vocoder_batched else "per_row",
         "requests": ns.requests,
+        "order": ns.order,
         "voices": ns.voices,
         "conditioning_s_per_voice": conditioning_s,
         "rows": rows,
@@ -183,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(report: dict) -> str:
     lines = [
         f"`{report['command']}` — {report['date']}, {report['machine']}, {report['model']} on {report['device']}, "
-        f"{report['requests']} requests from {report['voices']} voices, vocoder {report['vocoder']}",
+        f"{report['requests']} requests from {report['voices']} voices, vocoder {report['vocoder']}, "
+        + ("each path run twice (forward, then backward order) and summed"
+           if report.get("order") == "abba" else "each path run once"),
         "",
         "| path | batch | audio s | wall s | audio-s/s | vs seed |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['path']} | {r['batch_size']} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | "
+        lines.append(f"| {r['path']} | {r['batch_size'] or '–'} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | "
                      f"{r['audio_s_per_s']:.2f} | {r['ratio']:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
