@@ -55,3 +55,4 @@ class OutOfMemoryError(BatchError):
 
 class FatalEngineError(EngineError):
     error_code = "fatal_engine_error"
+    retryable = True  # this worker's GPU is gone; the same job runs on the worker RunPod starts instead

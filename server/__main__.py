@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,9 @@ log = logging.getLogger("server")
 
 EXIT_CONFIG = 2
 EXIT_FATAL_ENGINE = 70  # the GPU is unusable: RunPod replaces the worker
+# After a fatal engine error the scheduler has failed every job in hand (retryable); this long is left for the SDK
+# to post those answers before the process exits, so that no accepted job is left without one.
+FATAL_EXIT_GRACE_S = 3.0
 _background: set[asyncio.Task] = set()  # tasks that must not be garbage-collected while the loop runs
 
 
@@ -119,7 +123,15 @@ def make_context_builder(config, engine, metrics):
 
 
 def _exit_on_fatal(error: BaseException) -> None:
-    log.critical("fatal engine error, exiting so that RunPod replaces this worker: %s", error)
+    log.critical("fatal engine error: %s; answering the jobs in hand, then exiting (code %d) in %.0f s so that "
+                 "RunPod replaces this worker", error, EXIT_FATAL_ENGINE, FATAL_EXIT_GRACE_S)  # fmt: skip
+    # A timer thread, not the event loop: it fires even if the loop or the engine thread is stuck in the driver.
+    timer = threading.Timer(FATAL_EXIT_GRACE_S, _hard_exit)
+    timer.daemon = True
+    timer.start()
+
+
+def _hard_exit() -> None:
     logging.shutdown()
     os._exit(EXIT_FATAL_ENGINE)
 

@@ -1,0 +1,45 @@
+"""`python -m server` with faults injected into the real engine, for test_engine_faults_in_the_loop.py.
+
+Run as a script with the worker's environment. A row whose sampling seed (the job's `seed`) is one of the values
+below misbehaves inside `XttsEngine.generate`; every other part is the real worker: the RunPod SDK's production
+loop, the handler, the scheduler and the engine on a demo checkpoint.
+
+    RAISE  any batch holding the row raises (a bug or a bad kernel)
+    NAN    the row's audio comes back as NaN
+    OOM    any batch of more than one row holding it raises torch's out-of-memory error
+    CUDA   any batch holding it raises a CUDA error (the device is unusable)
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from batching.engine import SegmentAudio, XttsEngine  # noqa: E402
+
+RAISE, NAN, OOM, CUDA = 9001, 9002, 9003, 9004
+_generate = XttsEngine.generate
+
+
+def generate(self, segments):
+    seeds = {s.params.seed for s in segments}
+    if CUDA in seeds:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    if RAISE in seeds:
+        raise ValueError("injected failure")
+    if OOM in seeds and len(segments) > 1:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+    out = _generate(self, segments)
+    return [SegmentAudio(a.codes, np.full_like(a.wav, np.nan)) if s.params.seed == NAN else a
+            for s, a in zip(segments, out, strict=True)]  # fmt: skip
+
+
+XttsEngine.generate = generate
+
+if __name__ == "__main__":
+    from server.__main__ import main
+
+    sys.exit(main())
