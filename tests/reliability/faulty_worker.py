@@ -8,9 +8,15 @@ loop, the handler, the scheduler and the engine on a demo checkpoint.
     NAN    the row's audio comes back as NaN
     OOM    any batch of more than one row holding it raises torch's out-of-memory error
     CUDA   any batch holding it raises a CUDA error (the device is unusable)
+    SLOW   any batch holding it holds the engine thread for FAULTY_SLOW_S seconds first (default 8)
+
+Every call prints the seeds of its rows (`faulty_worker: generate seeds=[...]`), so a test can tell which jobs
+reached the engine.
 """
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from batching.engine import SegmentAudio, XttsEngine  # noqa: E402
 
-RAISE, NAN, OOM, CUDA = 9001, 9002, 9003, 9004
+RAISE, NAN, OOM, CUDA, SLOW = 9001, 9002, 9003, 9004, 9005
 _generate = XttsEngine.generate
 
 
 def generate(self, segments):
     seeds = {s.params.seed for s in segments}
+    print(f"faulty_worker: generate seeds={sorted(seeds)}", flush=True)
+    if SLOW in seeds:
+        time.sleep(float(os.environ.get("FAULTY_SLOW_S", "8")))
+        print("faulty_worker: slow call done", flush=True)
     if CUDA in seeds:
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
     if RAISE in seeds:
