@@ -540,8 +540,10 @@ class Bench:
                     "The MAX_CONCURRENCY=1 of baseline and unbatched includes the RunPod SDK's own pause: with every "
                     "slot busy, JobScaler sleeps 1 s before asking for the next job (runpod 1.12). The seed ran "
                     "with the SDK's default concurrency of 1 and paid the same.")
-            engines = {r["run"]: next(((p.get("worker_metrics") or {}).get("engine") for p in r["points"]
-                                       if (p.get("worker_metrics") or {}).get("engine")), None) for r in runs}  # fmt: skip
+            engines = {}
+            for r in runs:
+                reported = [(p.get("worker_metrics") or {}).get("engine") for p in r["points"]]
+                engines[r["run"]] = next((e for e in reported if e), None)
             if any(engines.values()):
                 notes.append("Engines, as each worker's xtts_engine_info reported them: " + ", ".join(
                     f"{run} = {e['engine']} (vocoder {e['vocoder']}, {e['device']})" if e else f"{run} = not reported"

@@ -131,7 +131,8 @@ def vocoder_alone(engine, requests: list[Request], latents: list, params) -> tup
             chunk = segments[i : i + 8]
             _codes, gpt_latents = engine._decode(chunk)
             started = time.perf_counter()
-            wavs = engine._vocode(gpt_latents, [s.voice.speaker_embedding for s in chunk], [s.params.speed for s in chunk])
+            speakers = [s.voice.speaker_embedding for s in chunk]
+            wavs = engine._vocode(gpt_latents, speakers, [s.params.speed for s in chunk])
             wall_s += time.perf_counter() - started
             audio_s += sum(len(w) for w in wavs) / engine.sample_rate
     return audio_s, wall_s

@@ -20,7 +20,7 @@ import pytest
 
 from bench.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
 from tests.reliability.faulty_worker import CUDA, NAN, OOM, RAISE, SLOW
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, START_TIMEOUT_S, put_reference, worker_env
+from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
 
 FAULTY_WORKER = Path(__file__).with_name("faulty_worker.py")
 pytestmark = pytest.mark.slow
@@ -36,15 +36,8 @@ def outcome(fake: FakeRunPod, job_id: str) -> str:
 
 
 async def start_faulty_worker(fake: FakeRunPod, tmp: Path, **settings: str) -> WorkerProcess:
-    env = worker_env(fake, tmp, **settings)
-    worker = await WorkerProcess([sys.executable, str(FAULTY_WORKER)], env, tmp / "worker.log",
-                                 cwd=str(Path(__file__).resolve().parents[2])).start()  # fmt: skip
-    ready = await fake.wait_until(lambda: len(fake.take_requests) > 0 or worker.process.returncode is not None,
-                                  START_TIMEOUT_S)  # fmt: skip
-    if not ready or worker.process.returncode is not None:
-        await worker.stop(5)
-        pytest.fail(f"worker did not start polling for jobs:\n{worker.log_text()[-4000:]}")
-    return worker
+    return await start_worker(fake, worker_env(fake, tmp, **settings), tmp / "worker.log",
+                              argv=[sys.executable, str(FAULTY_WORKER)])  # fmt: skip
 
 
 def engine_calls(worker: WorkerProcess) -> list[list[int]]:

@@ -56,8 +56,11 @@ def job(ref: str, voice: str, text: str = "Uma frase curta.") -> dict:
     return {"gen_text": text, "ref_audio_url": ref, "voice_id": voice, "language": "pt", "seed": 1}
 
 
-async def start_worker(fake: FakeRunPod, env: dict[str, str], log: Path) -> WorkerProcess:
-    worker = await WorkerProcess([sys.executable, "-m", "server"], env, log, cwd=str(REPO)).start()
+async def start_worker(
+    fake: FakeRunPod, env: dict[str, str], log: Path, argv: list[str] | None = None
+) -> WorkerProcess:
+    """Start `python -m server` (or `argv`) and wait until it polls for jobs."""
+    worker = await WorkerProcess(argv or [sys.executable, "-m", "server"], env, log, cwd=str(REPO)).start()
     ready = await fake.wait_until(lambda: len(fake.take_requests) > 0 or worker.process.returncode is not None,
                                   START_TIMEOUT_S)  # fmt: skip
     if not ready or worker.process.returncode is not None:
