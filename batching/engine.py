@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -113,6 +114,7 @@ def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
 
 class XttsEngine:
     fold_weight_norm = True  # see _remove_weight_norm; StockEngine keeps stock XTTS's vocoder as it is
+    last_vocoder_s: float | None = None  # seconds the last generate() spent in the vocoder (metrics)
 
     def __init__(
         self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto"
@@ -239,7 +241,9 @@ class XttsEngine:
         if not segments:
             return []
         codes, latents = self._decode(segments)
+        started = time.perf_counter()
         wavs = self._vocode(latents, [s.voice.speaker_embedding for s in segments], [s.params.speed for s in segments])
+        self.last_vocoder_s = time.perf_counter() - started
         if self.device.type == "cpu":
             _trim_heap()
         return [SegmentAudio(c, w) for c, w in zip(codes, wavs, strict=True)]

@@ -75,6 +75,7 @@ class Observer:
     def queue_depth(self, segments: int) -> None: ...
     def conditioning_done(self, seconds: float, hit: bool) -> None: ...
     def rows_failed(self, count: int, error: BaseException) -> None: ...
+    def vocoder_done(self, seconds: float) -> None: ...
 
 
 class _Request:
@@ -284,6 +285,9 @@ class Scheduler:
             return
         elapsed = time.perf_counter() - t0
         self.observer.batch_done(len(rows), elapsed, sum(len(a.codes) for a in audio))
+        vocoder_s = getattr(self.engine, "last_vocoder_s", None)
+        if vocoder_s is not None:
+            self.observer.vocoder_done(vocoder_s)
         for row, result in zip(rows, audio, strict=True):
             request = row.request
             if request.finished:

@@ -12,6 +12,7 @@ XTTS_ENGINE=stock differs from the batched worker only in how rows are decoded a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ class StockEngine(XttsEngine):
 
     @torch.inference_mode()
     def generate(self, segments: Sequence[Segment]) -> list[SegmentAudio]:
+        self.last_vocoder_s = 0.0
         out = [self._row(s) for s in segments]
         if self.device.type == "cpu":
             _trim_heap()
@@ -56,5 +58,7 @@ class StockEngine(XttsEngine):
         length_scale = 1.0 / max(p.speed, 0.05)
         if length_scale != 1.0:
             latents = F.interpolate(latents.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
+        started = time.perf_counter()
         wav = model.hifigan_decoder(latents, g=speaker)
+        self.last_vocoder_s += time.perf_counter() - started
         return SegmentAudio(codes[0].cpu().numpy().astype("int64"), _to_numpy(wav))

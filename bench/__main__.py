@@ -548,6 +548,16 @@ class Bench:
                 notes.append("Engines, as each worker's xtts_engine_info reported them: " + ", ".join(
                     f"{run} = {e['engine']} (vocoder {e['vocoder']}, {e['device']})" if e else f"{run} = not reported"
                     for run, e in engines.items()) + ".")  # fmt: skip
+            shares = []
+            for r in runs:
+                for p in r["points"]:
+                    vocoder = ((p.get("worker_metrics") or {}).get("stages") or {}).get("vocoder")
+                    if vocoder and p.get("wall_s"):
+                        shares.append(f"{r['run']} {p['label']} {vocoder['sum_s']:.1f} s of {p['wall_s']:.1f} s "
+                                      f"({vocoder['sum_s'] / p['wall_s']:.0%})")  # fmt: skip
+            if shares:
+                notes.append("Vocoder (HiFi-GAN) time, from the worker's xtts_stage_duration_seconds{stage=\"vocoder\"}, "
+                             "against the point's wall time: " + "; ".join(shares) + ".")  # fmt: skip
             for run in runs:
                 if run["config"] not in ("baseline", "unbatched"):
                     continue

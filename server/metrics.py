@@ -5,7 +5,8 @@ Names carry their unit; labels are small closed sets:
     xtts_jobs_total{status,language}                 counter    status: completed | failed | invalid | cancelled
     xtts_job_duration_seconds{status}                histogram  end to end, from the handler's start to its reply
     xtts_stage_duration_seconds{stage}               histogram  stage: queue_wait, download, conditioning,
-                                                                generation, vocoder, encode, upload
+                                                                generation, vocoder, encode, upload (per job,
+                                                                but vocoder: per batch, the HiFi-GAN part of it)
     xtts_batch_size_rows                             histogram  rows in each GPU batch
     xtts_queue_depth_requests                        gauge      requests waiting for the GPU
     xtts_jobs_in_flight                              gauge      jobs inside the handler now
@@ -169,6 +170,9 @@ class SchedulerMetrics:
 
     def rows_failed(self, count: int, error: BaseException) -> None:
         log.debug("%d row(s) failed: %s", count, type(error).__name__)
+
+    def vocoder_done(self, seconds: float) -> None:
+        self.metrics.observe_stage("vocoder", seconds)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from batching.engine import SamplingParams, SegmentAudio, TextSegment, VoiceLatents
 from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
-from batching.scheduler import JobTimeoutError, Scheduler, SynthesisRequest
+from batching.scheduler import JobTimeoutError, Observer, Scheduler, SynthesisRequest
 
 
 class Clock:
@@ -117,6 +117,22 @@ async def test_a_request_is_split_and_rejoined_in_order(make_scheduler):
     assert engine.batches == [["one", "two", "three"]]
     assert result.batch_sizes == (3, 3, 3)
     assert result.sample_rate == 1000
+
+
+async def test_the_vocoder_time_of_each_batch_goes_to_the_observer(make_scheduler):
+    class Recorder(Observer):
+        def __init__(self):
+            self.vocoder = []
+
+        def vocoder_done(self, seconds):
+            self.vocoder.append(seconds)
+
+    engine = FakeEngine()
+    engine.last_vocoder_s = 0.25
+    observer = Recorder()
+    s, _ = await make_scheduler(engine, observer=observer, max_batch_size=2)
+    await s.submit(request("one|two|three"))
+    assert engine.batches == [["one", "two"], ["three"]] and observer.vocoder == [0.25, 0.25]
 
 
 async def test_same_voice_rows_are_grouped_and_the_size_is_capped(make_scheduler):

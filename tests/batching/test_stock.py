@@ -46,6 +46,7 @@ def test_rows_of_a_batch_are_decoded_one_after_the_other(stock_engine):
     texts = ["Um.", "Uma frase um pouco maior."]
     rows = [Segment(stock_engine.tokenize(t, "pt"), len(t), voice, SamplingParams(seed=i)) for i, t in enumerate(texts)]
     batch = stock_engine.generate(rows)
+    assert stock_engine.last_vocoder_s > 0  # both rows' HiFi-GAN time, for metrics
     alone = [stock_engine.generate([r])[0] for r in rows]
     assert [len(a.codes) for a in batch] == [stock_engine.demo_length(len(t)) for t in texts]
     for b, a in zip(batch, alone, strict=True):

@@ -137,6 +137,9 @@ def test_local_target_baseline_beside_batched(tmp_path):
         assert not psutil.pid_exists(run["worker"]["pid"]) or psutil.Process(run["worker"]["pid"]).status() == "zombie"
     # The same work for all: same jobs, same audio.
     assert baseline["points"][0]["audio_s"] == unbatched["points"][0]["audio_s"] == batched["points"][0]["audio_s"]
+    # The worker's vocoder stage (HiFi-GAN's share of each batch) is reported on every configuration.
+    assert all(r["points"][0]["worker_metrics"]["stages"]["vocoder"]["count"] >= 1 for r in report["runs"])
+    assert any(n.startswith("Vocoder (HiFi-GAN) time") and "batched closed@c3" in n for n in report["notes"])
     # The baseline really recomputed latents; batching really batched.
     assert baseline["points"][0]["worker_metrics"]["caches"]["latents"]["hits"] == 0
     assert baseline["points"][0]["worker_metrics"]["batch_size_rows"]["mean"] == 1.0

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import CACHES, STAGES, Metrics, MetricsServer, start_metrics_server
+from server.metrics import CACHES, STAGES, Metrics, MetricsServer, SchedulerMetrics, start_metrics_server
 
 
 @pytest.fixture
@@ -30,6 +30,12 @@ def test_every_family_is_registered_with_a_unit_in_its_name(metrics):
         "xtts_storage_retries", "xtts_storage_errors", "xtts_gpu_memory_bytes",
         "xtts_engine_info",  # an info gauge: Prometheus's convention is the _info suffix, no unit
     }  # fmt: skip
+
+
+def test_vocoder_time_is_a_stage(metrics):
+    SchedulerMetrics(metrics).vocoder_done(0.5)
+    assert value(metrics, "xtts_stage_duration_seconds_count", stage="vocoder") == 1
+    assert value(metrics, "xtts_stage_duration_seconds_sum", stage="vocoder") == 0.5
 
 
 def test_engine_info_names_the_engine_the_worker_runs(metrics):
