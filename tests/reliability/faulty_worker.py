@@ -27,12 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from batching.engine import SegmentAudio, XttsEngine  # noqa: E402
 
 RAISE, NAN, OOM, CUDA, SLOW = 9001, 9002, 9003, 9004, 9005
-_generate = XttsEngine.generate
 
 
 def generate(self, segments):
     seeds = {s.params.seed for s in segments}
-    print(f"faulty_worker: generate seeds={sorted(seeds)}", flush=True)
+    print(f"faulty_worker: generate seeds={sorted(seeds, key=lambda x: -1 if x is None else x)}", flush=True)
     if SLOW in seeds:
         time.sleep(float(os.environ.get("FAULTY_SLOW_S", "8")))
         print("faulty_worker: slow call done", flush=True)
@@ -42,14 +41,16 @@ def generate(self, segments):
         raise ValueError("injected failure")
     if OOM in seeds and len(segments) > 1:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-    out = _generate(self, segments)
+    out = _real_generate(self, segments)
     return [SegmentAudio(a.codes, np.full_like(a.wav, np.nan)) if s.params.seed == NAN else a
             for s, a in zip(segments, out, strict=True)]  # fmt: skip
 
 
-XttsEngine.generate = generate
+_real_generate = XttsEngine.generate
 
 if __name__ == "__main__":
+    # Only in the worker process: importing this module (the tests take the seed values from it) changes nothing.
+    XttsEngine.generate = generate
     from server.__main__ import main
 
     sys.exit(main())

@@ -26,6 +26,14 @@ FAULTY_WORKER = Path(__file__).with_name("faulty_worker.py")
 pytestmark = pytest.mark.slow
 
 
+def test_importing_the_fault_injector_changes_nothing():
+    # This module takes the seed values from faulty_worker; only the worker process it starts may be patched.
+    from batching.engine import XttsEngine
+    from tests.reliability import faulty_worker
+
+    assert XttsEngine.generate is faulty_worker._real_generate is not faulty_worker.generate
+
+
 def job(ref: str, seed: int, text: str = "Uma frase curta para o lote.") -> dict:
     return {"gen_text": text, "ref_audio_url": ref, "voice_id": "voz", "language": "pt", "seed": seed}
 
