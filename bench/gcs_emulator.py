@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,6 +50,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float, *, what: str,
+                  log_tail: Callable[[], str] = lambda: "", interval_s: float = 0.25) -> None:
+    """Wait until `url` answers 200 while `process` (the server behind it) runs; RuntimeError, with the
+    server's log tail, when it exits first or does not answer within `timeout_s`."""  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} while starting:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout_s:g} s:\n{log_tail()}")
+        time.sleep(interval_s)
 
 
 class GcsEmulator:
@@ -140,19 +160,9 @@ class GcsEmulator:
             return response.read()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
         assert self._process is not None
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"fake-gcs-server exited with {self._process.returncode}: {self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"fake-gcs-server not ready within {self.ready_timeout_s:g} s: {self._log_tail()}")
+        wait_for_http(f"{self.url}/storage/v1/b", self._process, self.ready_timeout_s, what="fake-gcs-server",
+                      log_tail=self._log_tail, interval_s=0.05)  # fmt: skip
 
     def _log_tail(self) -> str:
         if self._log is None:

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from bench.gcs_emulator import free_port
+from bench.gcs_emulator import free_port, wait_for_http
 from bench.load import worker_base_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,21 +29,6 @@ pytestmark = pytest.mark.slow
 def _bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=worker_base_env({"PYTHONUNBUFFERED": "1"}))  # fmt: skip
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not up within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -75,7 +59,8 @@ def local_test_api(tmp_path, tiny_checkpoint):
              str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
-        _wait_http(f"http://127.0.0.1:{port}/openapi.json", proc, log)
+        wait_for_http(f"http://127.0.0.1:{port}/openapi.json", proc, 300, what="the worker",
+                      log_tail=lambda: log.read_text()[-3000:])  # fmt: skip
         yield {"port": port, "metrics_port": metrics_port, "storage": storage, "pid": proc.pid, "log": log}
     finally:
         _stop(proc)

@@ -35,10 +35,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.gcs_emulator import GcsEmulator, free_port
 from bench.runpod_fake import FakeRunPod, WorkerProcess
+from bench.stats import Snapshot
 from bench.voices import synthetic_voice
 from tests.conftest import ROOT
 from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture, re-exported here)
@@ -127,35 +127,18 @@ def pytest_runtest_makereport(item, call):
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-@dataclass(frozen=True)
-class MetricsSnapshot:
-    """One scrape of the worker's Prometheus endpoint, parsed by prometheus_client's own text parser."""
-
-    samples: Mapping[tuple[str, frozenset], float]
-
-    @classmethod
-    def parse(cls, text: str) -> MetricsSnapshot:
-        samples = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-        return cls(samples)
-
-    def get(self, name: str, **labels: str) -> float:
-        return self.samples.get((name, frozenset(labels.items())), 0.0)
+class MetricsSnapshot(Snapshot):
+    """One scrape of the worker's Prometheus endpoint (bench.stats.Snapshot), with the sums and shortcuts the
+    e2e tests read."""
 
     def total(self, name: str, **labels: str) -> float:
         """Sum over every label set that includes `labels` (e.g. all languages of one status)."""
         wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+        return sum(v for ls, v in self.series(name).items() if wanted <= set(ls))
 
     def buckets(self, name: str) -> dict[float, float]:
         """A histogram's cumulative bucket counts, `le` -> count."""
-        out = {}
-        for (n, labels), value in self.samples.items():
-            if n == f"{name}_bucket":
-                out[float(dict(labels)["le"])] = value
-        return dict(sorted(out.items()))
+        return dict(sorted((float(dict(ls)["le"]), v) for ls, v in self.series(f"{name}_bucket").items()))
 
     # The numbers the tests look at.
     @property

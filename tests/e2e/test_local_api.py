@@ -11,8 +11,6 @@ POST /runsync with test_input.json answers COMPLETED with a file:// audio_url wh
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -21,7 +19,7 @@ import pytest
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.gcs_emulator import free_port
+from bench.gcs_emulator import free_port, wait_for_http
 from bench.voices import synthetic_voice
 from tests.e2e.conftest import REPO, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, server_process, tail, worker_env
 
@@ -63,21 +61,8 @@ def local_api(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     log_path = folder / "local-api.log"
     base = f"http://127.0.0.1:{port}"
     with server_process("local-api", args, env, log_path) as process:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"the local API exited with {process.returncode} while starting:\n{tail(log_path)}"
-                )
-            try:
-                with urllib.request.urlopen(f"{base}/openapi.json", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the local API did not answer within {START_TIMEOUT_S:g} s:\n{tail(log_path)}")
-            time.sleep(0.25)
+        wait_for_http(f"{base}/openapi.json", process, START_TIMEOUT_S, what="the local API",
+                      log_tail=lambda: tail(log_path))  # fmt: skip
         yield base, storage_dir, f"http://127.0.0.1:{metrics_port}/metrics"
 
 
