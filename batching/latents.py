@@ -8,6 +8,10 @@ combined with the model's fingerprint on disk, so latents of another checkpoint 
   least recently used removed first, so a restarted worker skips conditioning for the voices it knew;
 - single-flight: when 16 jobs of a new voice arrive together, one computes and 15 wait for it; a failure is
   handed to all of them, and the next request tries again.
+- the disk is an optimisation, never a reason to fail a job: every error reading, touching, writing or pruning
+  the files (full disk, a file another thread or worker deleted mid-way, a foreign file) is logged as a warning
+  and degrades to a miss or a skipped save. Saves write a uniquely named temp file, so concurrent saves (threads
+  of one worker, or workers sharing the folder) never collide.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -116,6 +121,7 @@ class LatentCache:
         return self.folder / f"{self.model_id}-{key}.pt"
 
     def _load(self, key: str) -> VoiceLatents | None:
+        """The latents on disk, or None (missing, unreadable, vanished mid-read): never raises."""
         if not self.folder:
             return None
         path = self._path(key)
@@ -127,22 +133,48 @@ class LatentCache:
         except Exception as exc:  # a truncated or foreign file: recompute, and replace it
             log.warning("ignoring unreadable latent file %s: %s", path.name, exc)
             return None
-        os.utime(path)  # a read is a use
+        try:
+            os.utime(path)  # a read is a use
+        except OSError as exc:  # pruned by another save meanwhile: the latents we read are still good
+            log.warning("could not mark latent file %s as used: %s", path.name, exc)
         return latents
 
     def _save(self, key: str, latents: VoiceLatents) -> None:
+        """Persist the latents and prune the folder; never raises (the latents are in memory either way)."""
         if not self.folder:
             return
         path = self._path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        data = {"gpt_cond_latent": latents.gpt_cond_latent.cpu(), "speaker_embedding": latents.speaker_embedding.cpu()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
+            data = {"gpt_cond_latent": latents.gpt_cond_latent.cpu(),
+                    "speaker_embedding": latents.speaker_embedding.cpu()}
             torch.save(data, tmp)
             tmp.replace(path)
-        except OSError as exc:  # a full disk must not fail the job: the latents are in memory
+        except Exception as exc:  # a full disk must not fail the job: the latents are in memory
             log.warning("could not persist latents for %s: %s", key, exc)
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             return
-        files = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
-        for old in files[: max(0, len(files) - self.disk_max_entries)]:
-            old.unlink(missing_ok=True)
+        try:
+            self._prune()
+        except Exception as exc:  # noqa: BLE001 - pruning is housekeeping
+            log.warning("could not prune the latent cache folder: %s", exc)
+
+    def _prune(self) -> None:
+        """Keep the `disk_max_entries` most recently used files. Files other threads or workers delete while we
+        look are skipped."""
+        assert self.folder is not None
+        stamped = []
+        for file in self.folder.glob("*.pt"):
+            try:
+                stamped.append((file.stat().st_mtime_ns, file))
+            except OSError:
+                continue  # gone already
+        stamped.sort(key=lambda item: item[0])
+        for _, old in stamped[: max(0, len(stamped) - self.disk_max_entries)]:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove latent file %s: %s", old.name, exc)

@@ -27,6 +27,8 @@ Variables read here (defaults in brackets):
     LOG_LEVEL             DEBUG | INFO | WARNING | ERROR | CRITICAL                 [INFO]
     DEFAULT_LANGUAGE      language when a job names none                            [pt]
     DEFAULT_OUTPUT_FORMAT wav | flac | ogg | mp3 when a job names none              [wav]
+    REF_MIN_LEVEL_DBFS    a reference whose loudest 50 ms window is quieter than this (dBFS, -200..0)
+                          is refused as silent (invalid_audio); off turns the check off       [-50]
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
 # slots in the background; the jobs merely waiting cost only memory (their text and a future).
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_CONCURRENCY = 32
+# storage.audio.DEFAULT_MIN_LEVEL_DBFS holds the same value; not imported here (storage.audio pulls in numpy).
+DEFAULT_REF_MIN_LEVEL_DBFS = -50.0
 
 
 class ConfigError(ValueError):
@@ -141,6 +145,21 @@ def _language(reader: _Reader) -> str:
         ) from None
 
 
+def _ref_min_level(reader: _Reader) -> float | None:
+    value = reader.raw("REF_MIN_LEVEL_DBFS")
+    if value is None:
+        return DEFAULT_REF_MIN_LEVEL_DBFS
+    if value.lower() == "off":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and -200.0 <= number <= 0.0):
+        raise ConfigError(f"REF_MIN_LEVEL_DBFS must be a number from -200 to 0 (dBFS) or off, got {_shown(value)}")
+    return number
+
+
 def _log_level(reader: _Reader) -> str:
     value = reader.raw("LOG_LEVEL")
     if value is not None and value.upper() == "WARN":
@@ -179,6 +198,7 @@ class WorkerConfig:
     log_level: str = "INFO"
     default_language: str = "pt"
     default_output_format: str = "wav"
+    ref_min_level_dbfs: float | None = DEFAULT_REF_MIN_LEVEL_DBFS
     # StorageConfig may hold credentials: it never appears in this object's repr.
     storage: Any = field(default=None, repr=False, compare=False)
 
@@ -217,6 +237,7 @@ class WorkerConfig:
             log_level=_log_level(read),
             default_language=_language(read),
             default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", OUTPUT_FORMATS),
+            ref_min_level_dbfs=_ref_min_level(read),
         )
         storage = (storage_from_env or _storage_from_env)(env)
         return replace(config, storage=storage)
@@ -255,5 +276,6 @@ class WorkerConfig:
             "log_level": self.log_level,
             "default_language": self.default_language,
             "default_output_format": self.default_output_format,
+            "ref_min_level_dbfs": self.ref_min_level_dbfs,
         }
 

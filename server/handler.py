@@ -218,7 +218,8 @@ class TTSHandler:
 
         async def load_reference():
             # Called by the scheduler only when the voice's latents are not cached.
-            wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s)
+            wav = await decode_reference_async(reference.path, ctx.reference_sample_rate, ctx.max_reference_s,
+                                               min_level_dbfs=ctx.config.ref_min_level_dbfs)
             return wav, ctx.reference_sample_rate
 
         remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
@@ -249,7 +250,7 @@ class TTSHandler:
         output = error_output(exc)
         client = _is_client_error(exc)
         if hasattr(exc, "error_code"):
-            jlog.warning("[%s] ✗ %s: %s", job_id, output["error_code"], output["error"])
+            jlog.warning("[%s] ✗ %s", job_id, output["error"])  # the message starts with "[code]"
         else:
             jlog.error("[%s] ✗ unexpected %s", job_id, type(exc).__name__, exc_info=exc)
         self._record("invalid" if client else "failed", language, started)

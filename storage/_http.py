@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from .errors import (
     StorageError,
     StorageRequestError,
 )
-from .retry import Transient, http_status_transient
+from .retry import Transient, http_status_transient, status_reason
 from .urls import UrlPolicy
 
 CHUNK_BYTES = 256 * 1024
@@ -70,11 +71,15 @@ def attempt_timeout(timeout_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s)
 
 
-async def stream_to_file(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int, what: str) -> int:
-    """Write the body of `resp` to `dest` (truncating it), refusing more than `max_bytes`. Returns the size."""
+async def stream_to_file(resp: aiohttp.ClientResponse, dest: Path, max_bytes: int, what: str,
+                         on_size: Callable[[int | None], None] | None = None) -> int:
+    """Write the body of `resp` to `dest` (truncating it), refusing more than `max_bytes`. Returns the size.
+    `on_size` hears the declared Content-Length (None: not declared) before any byte is written."""
     declared = resp.content_length
     if declared is not None and declared > max_bytes:
         raise RefAudioTooLargeError(f"reference audio {what} is {declared} bytes; the limit is {max_bytes}")
+    if on_size is not None:
+        on_size(declared)
     total = 0
     try:
         async with aiofiles.open(dest, "wb") as out:
@@ -107,7 +112,7 @@ def status_error(status: int, what: str, *, reading: bool, headers: Any = None) 
     `reading` is True for reference downloads (404/403 are the caller's problem) and False for writes and
     checks (the operator's bucket or credentials are wrong)."""
     if http_status_transient(status):
-        return Transient(f"HTTP {status}", retry_after_s(headers))
+        return Transient(f"HTTP {status}", retry_after_s(headers), reason=status_reason(status))
     if 300 <= status < 400:
         return StorageRequestError(f"{what} answered with a redirect (HTTP {status}); redirects are not followed")
     if reading and status in (404, 410):
@@ -130,5 +135,6 @@ def network_error(exc: BaseException, what: str) -> Exception:
         os_error = getattr(exc, "os_error", None)
         if isinstance(os_error, OSError) and os_error.strerror:
             detail += f": {os_error.strerror}"
-        return Transient(detail)
+        timed_out = isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError))
+        return Transient(detail, reason="timeout" if timed_out else "connection")
     return exc

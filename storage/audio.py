@@ -5,8 +5,21 @@ with `torchaudio.functional.resample`, clip to [-1, 1], keep the first `max_seco
 frame count, rate and channels are checked before any sample is decoded (a file declaring more than
 `max_declared_seconds` is refused), and only the first `max_seconds` (plus a short resampler margin) are decoded.
 
-`encode` writes 16-bit WAV (default), 16-bit FLAC, OGG/Vorbis or MP3. Both are CPU work: in the event loop use
-`decode_reference_async` / `encode_async`, which run them in a worker thread.
+Resampling cost is bounded for every accepted rate. torchaudio's sinc resampler builds a kernel of
+`new * (orig + 2 * width)` taps, where `orig / new` is the rate ratio reduced by its gcd: tiny for the usual rates
+(48 kHz -> 22.05 kHz: 147 x 348) but gigabytes for an odd one (16,001 Hz -> 22,050 Hz: 22,050 x 16,015, 5.7 GiB and
+half a minute of CPU). So torchaudio, exactly as XTTS would, resamples only where that kernel has at most
+`_TORCHAUDIO_MAX_KERNEL` taps (every standard rate from 8 kHz to 384 kHz does); any other rate goes through soxr
+(a polyphase resampler whose cost does not depend on the ratio's gcd), at its highest quality.
+
+A reference that is silent or nearly so is refused: the loudest `_LEVEL_WINDOW_S` window of what the model would
+use (after mono mix, resampling and trimming; each window's mean removed, so a DC offset is not a voice) must reach
+`min_level_dbfs` (dB relative to a full-scale square wave). The loudest window, not the overall level, so a mostly
+silent reference with a short voiced part is accepted.
+
+`encode` writes 16-bit WAV (default), 16-bit FLAC, OGG/Vorbis or MP3, in blocks of `_BLOCK_FRAMES` frames: one
+`sf.write` of a long signal overflows libvorbis's stack (libsndfile #1095: a segfault beyond ~87 s of OGG).
+Both are CPU work: in the event loop use `decode_reference_async` / `encode_async`, which run them in a worker thread.
 """
 
 from __future__ import annotations
@@ -32,7 +45,15 @@ MAX_DECLARED_SECONDS = 600.0
 MAX_CHANNELS = 16
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
 _MARGIN_SECONDS = 0.25  # decoded beyond max_seconds so the resampler's edge lies in the trimmed tail
-_BLOCK_FRAMES = 65536
+_BLOCK_FRAMES = 65536  # frames per libsndfile read or write call
+# Largest torchaudio sinc kernel (taps) we let it build: 1M taps is 8 MB per float64 temporary. The largest
+# standard-rate kernel into 22,050 Hz is 384 kHz's (147 x 2,772 = 0.4M); into 16 kHz, 22,050 Hz's (320 x 459).
+_TORCHAUDIO_MAX_KERNEL = 1 << 20
+# Loudness floor of a reference: the loudest 50 ms window's RMS must reach it. Digital silence, dither
+# (~-100 dBFS) and typical recording noise floors (-60 dBFS and below) stay under it; the voiced windows of speech
+# sit at about -35..-10 dBFS, and even speech recorded 20-25 dB too quietly stays above it.
+DEFAULT_MIN_LEVEL_DBFS = -50.0
+_LEVEL_WINDOW_S = 0.05
 
 
 def decode_reference(
@@ -42,11 +63,13 @@ def decode_reference(
     *,
     min_seconds: float = MIN_REF_SECONDS,
     max_declared_seconds: float = MAX_DECLARED_SECONDS,
+    min_level_dbfs: float | None = DEFAULT_MIN_LEVEL_DBFS,
 ) -> np.ndarray:
     """Decode a reference to mono float32 at `target_sr`, trimmed to the first `max_seconds`.
 
-    Raises `InvalidAudioError` for empty, non-audio, corrupt, too short (< `min_seconds`) or absurdly long
-    (> `max_declared_seconds` declared) input."""
+    Raises `InvalidAudioError` for empty, non-audio, corrupt, too short (< `min_seconds`), absurdly long
+    (> `max_declared_seconds` declared) or silent (loudest 50 ms window under `min_level_dbfs`; None: no check)
+    input."""
     if target_sr < 1 or max_seconds <= 0:
         raise ValueError(f"target_sr must be >= 1 and max_seconds > 0, got {target_sr}, {max_seconds}")
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -80,7 +103,35 @@ def decode_reference(
         raise InvalidAudioError(f"reference audio is {duration:.2f} s long; at least {min_seconds:g} s is needed")
     wav = _resample(mono, rate, target_sr)
     np.clip(wav, -1.0, 1.0, out=wav)
-    return np.ascontiguousarray(wav[: int(target_sr * max_seconds)], dtype=np.float32)
+    wav = np.ascontiguousarray(wav[: int(target_sr * max_seconds)], dtype=np.float32)
+    if min_level_dbfs is not None:
+        check_level(wav, target_sr, min_level_dbfs)
+    return wav
+
+
+def reference_level(wav: np.ndarray, sample_rate: int) -> tuple[float, float]:
+    """(peak, RMS of the loudest `_LEVEL_WINDOW_S` window) of mono audio, in dBFS (-inf for zero). Windows overlap
+    by half; each window's mean is removed first, so a constant offset reads as silence."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        return -math.inf, -math.inf
+    peak = float(np.abs(x).max())
+    width = max(1, min(x.size, round(_LEVEL_WINDOW_S * sample_rate)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, width)[:: max(1, width // 2)]
+    if (x.size - width) % max(1, width // 2):  # the tail, so the last samples are measured too
+        windows = np.concatenate([windows, x[-width:][None, :]])
+    loudest = float(np.sqrt(max(0.0, windows.var(axis=1).max())))
+    return _dbfs(peak), _dbfs(loudest)
+
+
+def check_level(wav: np.ndarray, sample_rate: int, min_level_dbfs: float) -> None:
+    """`InvalidAudioError` unless the loudest window of `wav` reaches `min_level_dbfs` (see `reference_level`)."""
+    peak, loudest = reference_level(wav, sample_rate)
+    if not loudest >= min_level_dbfs:
+        raise InvalidAudioError(
+            f"reference audio is silent or nearly so: peak {_fmt_db(peak)} dBFS, RMS of the loudest "
+            f"{_LEVEL_WINDOW_S * 1000:.0f} ms window {_fmt_db(loudest)} dBFS; at least {min_level_dbfs:g} dBFS "
+            "is needed (send a recording of the voice, not of silence)")
 
 
 def encode(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, str]:
@@ -96,7 +147,10 @@ def encode(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, 
     samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
     container, subtype = _SF_FORMATS[fmt]
     buffer = io.BytesIO()
-    sf.write(buffer, samples, sample_rate, format=container, subtype=subtype)
+    # Block by block: one write of a long signal overflows libvorbis's stack (libsndfile #1095).
+    with sf.SoundFile(buffer, "w", samplerate=sample_rate, channels=1, format=container, subtype=subtype) as out:
+        for start in range(0, samples.size, _BLOCK_FRAMES):
+            out.write(samples[start: start + _BLOCK_FRAMES])
     return buffer.getvalue(), CONTENT_TYPES[fmt]
 
 
@@ -110,7 +164,7 @@ def normalize_format(fmt: str) -> str:
 
 
 async def decode_reference_async(source: str | os.PathLike[str] | bytes, target_sr: int, max_seconds: float,
-                                 **kwargs: float) -> np.ndarray:
+                                 **kwargs: float | None) -> np.ndarray:
     return await asyncio.to_thread(decode_reference, source, target_sr, max_seconds, **kwargs)
 
 
@@ -146,9 +200,22 @@ def _read_mono(audio: sf.SoundFile, frames: int) -> np.ndarray:
     return out[:filled]
 
 
+def _torchaudio_kernel_taps(orig_sr: int, target_sr: int) -> int:
+    """Taps of the kernel `torchaudio.functional.resample` builds (defaults: lowpass_filter_width 6, rolloff
+    0.99): `new * (orig + 2 * width)`, the rates reduced by their gcd."""
+    gcd = math.gcd(orig_sr, target_sr)
+    orig, new = orig_sr // gcd, target_sr // gcd
+    width = math.ceil(6 * orig / (min(orig, new) * 0.99))
+    return new * (orig + 2 * width)
+
+
 def _resample(mono: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     if orig_sr == target_sr:
         return mono.copy()
+    if _torchaudio_kernel_taps(orig_sr, target_sr) > _TORCHAUDIO_MAX_KERNEL:
+        import soxr
+
+        return np.asarray(soxr.resample(mono, orig_sr, target_sr, quality="VHQ"), dtype=np.float32)
     import torch
     import torchaudio.functional as F
 
@@ -158,6 +225,15 @@ def _resample(mono: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
 
 
 _UNHELPFUL = ("not recognised", "does not exist", "unspecified internal error", "not a regular file")
+
+
+def _dbfs(amplitude: float) -> float:
+    # Under -200 dBFS is rounding error (a window's mean removed from a constant), not signal: read as silence.
+    return 20.0 * math.log10(amplitude) if amplitude > 1e-10 else -math.inf
+
+
+def _fmt_db(value: float) -> str:
+    return f"{value:.1f}" if math.isfinite(value) else "-inf"
 
 
 def _libsndfile_reason(exc: sf.LibsndfileError) -> str:

@@ -2,6 +2,7 @@
 
     Storage.parse_ref_url(url)                 validate a caller's reference URL (no I/O)
     Storage.download(url, dest_path, max_bytes) stream a reference to a file: gs:// via the backend, https via HTTP
+    Storage.check_access(url)                  prove the caller's https URL still grants read access (1-byte GET)
     Storage.upload(data, object_name, content_type)
     Storage.signed_url(object_name, ttl_s)     a URL the caller can fetch: V4-signed (GCS) or file:// (local)
     Storage.metadata(object_name)              size and content type of an object in the configured bucket
@@ -15,18 +16,23 @@ never on other 4xx). https references are fetched with the shared aiohttp sessio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
 from ._http import attempt_timeout, make_session, network_error, status_error, stream_to_file
 from .config import MAX_SIGNED_URL_TTL_S, StorageConfig
 from .errors import StorageInputError
-from .retry import RetryPolicy, call_with_retries
+from .retry import RetryObserver, RetryPolicy, call_with_retries
 from .urls import RefLocation, parse_ref_url, validate_object_name
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class Storage(ABC):
         self.retry_policy = RetryPolicy(
             max_retries=config.max_retries, base_s=config.retry_base_s,
             max_backoff_s=config.retry_max_backoff_s, deadline_s=config.retry_deadline_s)
+        self.observer: RetryObserver | None = None  # the worker's metrics: retries and final errors, by reason
         self._session = session
         self._owns_session = session is None
         self._closed = False
@@ -57,20 +64,44 @@ class Storage(ABC):
 
     # -- operations ----------------------------------------------------------------------------------------
     async def download(self, url: str | RefLocation, dest_path: str | os.PathLike[str],
-                       max_bytes: int | None = None) -> int:
+                       max_bytes: int | None = None, *, on_size: Callable[[int | None], None] | None = None,
+                       ) -> int:
         """Stream the reference at `url` into `dest_path` (created or truncated); return its size in bytes.
-        The caller owns `dest_path` (the cache passes a temp file and renames it when this returns)."""
+        The caller owns `dest_path` (the cache passes a temp file and renames it when this returns).
+
+        `on_size(n)` is called on the event loop once the source has answered and before any byte is written,
+        with the size it declares (Content-Length, file size) or None when it declares none; again on a retry.
+        The cache reserves room with it; the byte cap is enforced on the bytes actually read either way."""
         location = url if isinstance(url, RefLocation) else self.parse_ref_url(url)
         limit = self.config.max_ref_bytes if max_bytes is None else max_bytes
         dest = Path(dest_path)
         if location.scheme == "gs":
-            return await self._download_object(location, dest, limit)
-        return await call_with_retries(
-            lambda: self._download_url_once(location, dest, limit), self.retry_policy,
-            f"download of {location.display}")
+            return await self._download_object(location, dest, limit, on_size)
+        return await self._with_retries(
+            lambda: self._download_url_once(location, dest, limit, on_size), f"download of {location.display}")
+
+    async def check_access(self, url: str | RefLocation) -> None:
+        """Prove that the caller's reference URL grants read access now, without downloading it.
+
+        `gs://` references need no proof: they are read with the service's own credentials and governed by
+        ALLOWED_BUCKETS (checked when the URL was parsed). An https reference gets ONE ranged GET of its first
+        byte (`Range: bytes=0-0`) under the same rules as a download: allowed hosts and buckets (parsed), the
+        connect-time address guard, no redirects, the per-attempt timeout and the retry policy. GET rather than
+        HEAD because a V4 signature covers the HTTP method: a URL signed for GET is refused for HEAD. A refusal
+        raises what a download of that URL would (403 -> RefAudioForbiddenError, 404 -> RefAudioNotFoundError,
+        redirect -> StorageRequestError, spent retries -> StorageUnavailableError)."""
+        location = url if isinstance(url, RefLocation) else self.parse_ref_url(url)
+        if location.scheme == "gs":
+            return
+        await self._with_retries(lambda: self._probe_url_once(location), f"access check of {location.display}")
+
+    async def _with_retries(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """`operation` under this store's retry policy, reported to `observer`."""
+        return await call_with_retries(operation, self.retry_policy, what, observer=self.observer)
 
     @abstractmethod
-    async def _download_object(self, location: RefLocation, dest: Path, max_bytes: int) -> int:
+    async def _download_object(self, location: RefLocation, dest: Path, max_bytes: int,
+                               on_size: Callable[[int | None], None] | None = None) -> int:
         """Fetch `gs://bucket/object` through this backend (with retries where the backend is remote)."""
 
     @abstractmethod
@@ -122,24 +153,48 @@ class Storage(ABC):
     def _check_object_name(object_name: str) -> str:
         return validate_object_name(object_name)
 
-    async def _download_url_once(self, location: RefLocation, dest: Path, max_bytes: int) -> int:
+    async def _download_url_once(self, location: RefLocation, dest: Path, max_bytes: int,
+                                 on_size: Callable[[int | None], None] | None = None) -> int:
         """One GET of an https (or, in tests, loopback http) reference URL, redirects not followed."""
         assert location.fetch_url is not None
         what = location.display
-        try:
+        with _mapped_errors(what):
             async with self.session.get(
                 location.fetch_url, allow_redirects=False, timeout=attempt_timeout(self.config.timeout_s),
             ) as resp:
                 if resp.status != 200:
                     raise status_error(resp.status, what, reading=True, headers=resp.headers)
-                return await stream_to_file(resp, dest, max_bytes, what)
-        except asyncio.CancelledError:
+                return await stream_to_file(resp, dest, max_bytes, what, on_size)
+
+    async def _probe_url_once(self, location: RefLocation) -> None:
+        """One `Range: bytes=0-0` GET of the caller's URL; 200 or 206 grants access. The body is not read
+        (a server that ignores Range has its connection closed rather than drained)."""
+        assert location.fetch_url is not None
+        what = location.display
+        with _mapped_errors(what):
+            async with self.session.get(
+                location.fetch_url, allow_redirects=False, timeout=attempt_timeout(self.config.timeout_s),
+                headers={"Range": "bytes=0-0"},
+            ) as resp:
+                if resp.status not in (200, 206):
+                    raise status_error(resp.status, what, reading=True, headers=resp.headers)
+                if resp.status == 200:
+                    resp.close()
+
+
+@contextlib.contextmanager
+def _mapped_errors(what: str) -> Iterator[None]:
+    """Errors of one HTTP attempt as this package's errors (`network_error`): never re-raised with the signed URL
+    inside. Cancellation passes through."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        mapped = network_error(exc, what)
+        if mapped is exc:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped, never re-raised with the signed URL inside
-            mapped = network_error(exc, what)
-            if mapped is exc:
-                raise
-            raise mapped from None
+        raise mapped from None
 
 
 async def open_storage(config: StorageConfig, session: aiohttp.ClientSession | None = None) -> Storage:

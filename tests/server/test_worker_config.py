@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
+import json
 
 import pytest
 
 from server.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
+from tests.storage.conftest import service_account  # noqa: F401  (the fixture: a real, throwaway key)
 
 SECRET = "-----BEGIN PRIVATE KEY-----very-secret-----END PRIVATE KEY-----"
 
@@ -55,7 +55,7 @@ def test_every_variable_is_read_and_normalized():
         "LATENT_CACHE_SIZE": "10", "MAX_TEXT_CHARS": "100", "JOB_TIMEOUT_S": "30", "METRICS_PORT": "0",
         "LOG_LEVEL": "warn", "DEFAULT_LANGUAGE": "ZH_CN", "DEFAULT_OUTPUT_FORMAT": "MP3",
         "LATENT_CACHE_DIR": "/var/latents", "LATENT_CACHE_DISK_ENTRIES": "50", "XTTS_VOCODER_BATCHING": "Per_Row",
-        "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock",
+        "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock", "REF_MIN_LEVEL_DBFS": "-60",
     }  # fmt: skip
     config = build(env)
     assert config.latent_cache_disk_entries == 50
@@ -64,7 +64,7 @@ def test_every_variable_is_read_and_normalized():
         "max_concurrency": 64, "max_batch_size": 16, "batch_wait_ms": 2.5, "latent_cache_size": 10,
         "latent_cache": False, "latent_cache_dir": "/var/latents", "vocoder_batching": "per_row",
         "engine": "stock", "max_text_chars": 100, "job_timeout_s": 30.0, "metrics_port": 0, "log_level": "WARNING",
-        "default_language": "zh-cn", "default_output_format": "mp3",
+        "default_language": "zh-cn", "default_output_format": "mp3", "ref_min_level_dbfs": -60.0,
     }  # fmt: skip
     assert config.storage.env == env  # storage gets the same environment to read its own variables
 
@@ -119,12 +119,33 @@ def test_config_is_frozen_and_its_repr_hides_storage_secrets():
     assert SECRET not in repr(config) and SECRET not in str(config.summary())
 
 
-def test_storage_config_is_built_by_storage_config_module_by_default(monkeypatch):
-    # The real storage.config is the storage engineer's; stand in for it at the import the default path makes.
-    module = types.ModuleType("storage.config")
-    module.StorageConfig = types.SimpleNamespace(from_env=lambda env: ("storage built from", env.get("X")))
-    monkeypatch.setitem(sys.modules, "storage.config", module)
-    assert WorkerConfig.from_env({"X": "y"}).storage == ("storage built from", "y")
+def test_by_default_the_real_storage_config_reads_its_variables_from_the_same_environment(tmp_path):
+    env = {
+        "MAX_BATCH_SIZE": "4", "JOB_TIMEOUT_S": "30",  # the server's own
+        "LOCAL_STORAGE_DIR": str(tmp_path / "objects"), "AUDIO_CACHE_DIR": str(tmp_path / "cache"),
+        "AUDIO_CACHE_MAX_BYTES": "2000000", "MAX_REF_BYTES": "1000000", "SIGNED_URL_TTL_S": "3600",
+        "STORAGE_TIMEOUT_S": "7", "STORAGE_MAX_RETRIES": "2", "STORAGE_RETRY_DEADLINE_S": "9",
+        "ALLOWED_BUCKETS": "refs-a,refs-b",
+    }  # fmt: skip
+    config = WorkerConfig.from_env(env)
+    storage = config.storage
+    assert type(storage).__module__ == "storage.config" and type(storage).__name__ == "StorageConfig"
+    assert (config.max_batch_size, config.job_timeout_s) == (4, 30.0)
+    assert (storage.backend, storage.local_dir) == ("local", tmp_path / "objects")
+    assert storage.cache_dir == tmp_path / "cache"
+    assert (storage.cache_max_bytes, storage.max_ref_bytes, storage.signed_url_ttl_s) == (2_000_000, 1_000_000, 3600)
+    assert (storage.timeout_s, storage.max_retries, storage.retry_deadline_s) == (7.0, 2, 9.0)
+    assert storage.allowed_buckets == frozenset({"refs-a", "refs-b"})
+
+
+def test_real_gcs_credentials_stay_out_of_the_configs_repr_and_summary(service_account):
+    data = json.loads(service_account.json)
+    key_line = data["private_key"].strip().splitlines()[1]
+    config = WorkerConfig.from_env({"GCS_BUCKET_NAME": "results", "GCS_CREDENTIALS": service_account.json})
+    assert (config.storage.backend, config.storage.bucket) == ("gcs", "results")
+    assert config.storage.has_private_key  # the real StorageConfig holds the key ...
+    for text in (repr(config), str(config), str(config.summary())):  # ... and none of it shows here
+        assert key_line not in text and data["private_key_id"] not in text
 
 
 def test_a_bad_server_variable_fails_before_storage_is_read():

@@ -206,3 +206,57 @@ async def test_guarded_session_never_connects_to_a_rebound_name():
     finally:
         await session.close()
         await runner.cleanup()
+
+
+# IPv6 transition addresses that carry (and lead to) an IPv4 address: judged by that IPv4 address, or refused.
+_TRANSITION_NON_PUBLIC = [
+    "64:ff9b::7f00:1",  # NAT64 (well-known prefix) of 127.0.0.1
+    "64:ff9b::a00:1",  # NAT64 of 10.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254 (metadata server)
+    "64:ff9b::c0a8:101",  # NAT64 of 192.168.1.1
+    "64:ff9b:1::808:808",  # local-use NAT64 (RFC 8215): refused outright, even of a public IPv4
+    "64:ff9b:1:ffff::a9fe:a9fe",
+    "2002:7f00:1::1",  # 6to4 of 127.0.0.1
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "2002:a9fe:a9fe::",  # 6to4 of 169.254.169.254
+    "2002:ac10:1::5",  # 6to4 of 172.16.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1: refused outright
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo, client 8.8.8.8: refused outright too
+    "::7f00:1",  # IPv4-compatible ::127.0.0.1
+    "::a00:1",  # ::10.0.0.1
+    "::a9fe:a9fe",  # ::169.254.169.254
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT) 127.0.0.1
+    "::ffff:a9fe:a9fe",  # IPv4-mapped 169.254.169.254 (already refused before; kept as a guard)
+    "::",
+]
+
+
+@pytest.mark.parametrize("address", _TRANSITION_NON_PUBLIC)
+def test_ipv6_transition_literals_to_private_ipv4_are_refused_by_parsing(address):
+    from storage.urls import address_is_public
+
+    assert not address_is_public(address)
+    for policy in (POLICY, LOOPBACK_POLICY):
+        with pytest.raises(InvalidRefUrlError, match="non-public"):
+            parse_ref_url(f"https://[{address}]/voices-bucket/x.wav?{SIG}", UrlPolicy(
+                policy.allowed_buckets, (address, *policy.allowed_hosts), policy.allow_loopback))
+
+
+@pytest.mark.parametrize("address", _TRANSITION_NON_PUBLIC)
+async def test_ipv6_transition_addresses_are_refused_at_connect_time(address):
+    """An allowed host name that resolves to such an address is refused by the guard, before any connection."""
+    dns = _FakeResolver(address)
+    with pytest.raises(InvalidRefUrlError, match="non-public"):
+        await GuardedResolver(POLICY, dns).resolve("storage.googleapis.com", 443)
+    with pytest.raises(InvalidRefUrlError):
+        await GuardedResolver(LOOPBACK_POLICY, _FakeResolver(address)).resolve("localhost", 443)
+    assert dns.asked == ["storage.googleapis.com"]
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "::ffff:0:808:808", "::ffff:8.8.8.8",
+                                     "2607:f8b0:4004:c07::80", "8.8.8.8"])
+def test_transition_addresses_of_public_ipv4_stay_public(address):
+    """DNS64 networks resolve storage.googleapis.com into 64:ff9b::/96: those must keep working."""
+    from storage.urls import address_is_public
+
+    assert address_is_public(address)

@@ -10,12 +10,14 @@ import asyncio
 import hashlib
 import os
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from storage import (
     InvalidRefUrlError,
     InvalidVoiceIdError,
+    RefAudioForbiddenError,
     RefAudioNotFoundError,
     ReferenceCache,
     StorageUnavailableError,
@@ -35,14 +37,18 @@ class FakeStorage:
         self.gate: asyncio.Event | None = None
         self.started = asyncio.Event()
         self.fail_with: Exception | None = None
+        self.checks: list[str] = []
+        self.valid_signatures = {"aaaa", "bbbb"}
 
     def parse_ref_url(self, url: str) -> RefLocation:
         return parse_ref_url(url, self.policy)
 
-    async def download(self, url, dest_path, max_bytes=None) -> int:
+    async def download(self, url, dest_path, max_bytes=None, *, on_size=None) -> int:
         location = url if isinstance(url, RefLocation) else self.parse_ref_url(url)
         self.calls.append(location.cache_key)
         data = self.objects.get(location.object_name)
+        if data is not None and on_size is not None:
+            on_size(len(data))  # as a Content-Length would
         Path(dest_path).write_bytes((data or b"")[: len(data or b"") // 2])  # a half-written file first
         self.started.set()
         if self.gate is not None:
@@ -53,6 +59,18 @@ class FakeStorage:
             raise RefAudioNotFoundError(f"reference audio not found: {location.display}")
         Path(dest_path).write_bytes(data)
         return len(data)
+
+    async def check_access(self, url) -> None:
+        """Stands in for the ranged GET: an https URL is granted when its signature is in `valid_signatures`."""
+        location = url if isinstance(url, RefLocation) else self.parse_ref_url(url)
+        self.checks.append(location.display)
+        if location.scheme == "gs":
+            return
+        query = parse_qs(urlsplit(location.fetch_url or "").query)
+        if query.get("X-Goog-Signature", [""])[0] not in self.valid_signatures:
+            raise RefAudioForbiddenError(f"access to reference audio denied: {location.display} (HTTP 403)")
+        if location.object_name not in self.objects:
+            raise RefAudioNotFoundError(f"reference audio not found: {location.display}")
 
 
 def gs(name: str) -> str:
@@ -290,3 +308,77 @@ async def test_stats_snapshot(tmp_path, objects):
 def test_one_reference_must_fit(tmp_path):
     with pytest.raises(ValueError, match="max_ref_bytes"):
         ReferenceCache(tmp_path, 100, FakeStorage(), max_ref_bytes=101)
+
+
+# -- the access rule: a cached file is never served on the strength of someone else's URL --------------------
+SIGNED = f"https://storage.googleapis.com/{BUCKET}/v3.wav?X-Goog-Date=1&X-Goog-Signature="
+
+
+async def test_a_hit_with_a_forged_signature_is_refused_and_a_valid_one_is_served(tmp_path, objects):
+    storage = FakeStorage(objects)
+    cache = ReferenceCache(tmp_path, 10_000, storage)
+    first = await cache.get("maria", SIGNED + "aaaa")  # downloaded: the download was the check
+    assert not first.hit and storage.checks == []
+    with pytest.raises(RefAudioForbiddenError) as info:
+        await cache.get("maria", SIGNED + "forged")
+    assert info.value.error_code == "ref_audio_forbidden" and "forged" not in str(info.value)
+    again = await cache.get("maria", SIGNED + "bbbb")  # a fresh, valid signature: a hit after one check
+    assert again.hit and again.path == first.path
+    assert len(storage.checks) == 2 and len(storage.calls) == 1  # never downloaded again
+    assert (cache.access_checks, cache.access_refusals) == (2, 1)
+    assert cache.stats().access_refusals == 1
+
+
+async def test_gs_hits_need_no_check_and_https_hits_after_gs_do(tmp_path, objects):
+    storage = FakeStorage(objects)
+    cache = ReferenceCache(tmp_path, 10_000, storage)
+    await cache.get("maria", gs("v3.wav"))
+    assert (await cache.get("maria", gs("v3.wav"))).hit and storage.checks == []
+    with pytest.raises(RefAudioForbiddenError):
+        await cache.get("maria", SIGNED + "expired")
+    assert len(storage.checks) == 1
+
+
+async def test_a_waiter_on_someone_elses_download_is_checked_too(tmp_path, objects):
+    """Single-flight shares the download, not the permission: a forged URL that arrives while a valid one is
+    downloading the same object is refused; the identical URL rides along with no extra request."""
+    storage = FakeStorage(objects)
+    storage.gate = asyncio.Event()
+    cache = ReferenceCache(tmp_path, 10_000, storage)
+    valid = asyncio.create_task(cache.get("maria", SIGNED + "aaaa"))
+    await storage.started.wait()
+    same = asyncio.create_task(cache.get("maria", SIGNED + "aaaa"))
+    forged = asyncio.create_task(cache.get("maria", SIGNED + "forged"))
+    via_gs = asyncio.create_task(cache.get("maria", gs("v3.wav")))
+    await asyncio.sleep(0)
+    storage.gate.set()
+    results = await asyncio.gather(valid, same, forged, via_gs, return_exceptions=True)
+    assert isinstance(results[2], RefAudioForbiddenError)
+    assert all(r.path.read_bytes() == objects["v3.wav"] for r in (results[0], results[1], results[3]))
+    assert len(storage.calls) == 1 and len(storage.checks) == 1  # only the forged one was checked
+
+
+async def test_a_refused_caller_leaves_no_pin(tmp_path, objects):
+    storage = FakeStorage(objects)
+    cache = ReferenceCache(tmp_path, 1_000, storage)
+    await cache.get("maria", SIGNED + "aaaa")
+    with pytest.raises(RefAudioForbiddenError):
+        async with cache.use("maria", SIGNED + "forged"):
+            pytest.fail("a refused caller must not get the file")
+    assert [entry.pins for entry in cache._index.values()] == [0]
+    await cache.get("joao", gs("v1.wav"))  # maria's entry was evictable
+    assert cache.entries == 1 and cache.bytes == 1_000
+
+
+async def test_a_check_that_cannot_reach_storage_fails_like_a_download_would(tmp_path, objects):
+    storage = FakeStorage(objects)
+    cache = ReferenceCache(tmp_path, 10_000, storage)
+    await cache.get("maria", SIGNED + "aaaa")
+
+    async def unavailable(url):
+        raise StorageUnavailableError("access check of https://storage.googleapis.com/voices-bucket/v3.wav failed")
+
+    storage.check_access = unavailable
+    with pytest.raises(StorageUnavailableError) as info:
+        await cache.get("maria", SIGNED + "bbbb")
+    assert info.value.retryable
