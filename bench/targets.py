@@ -103,7 +103,8 @@ def _error_text(result: Any) -> str:
         output = result.get("output")
         code = output.get("error_code") if isinstance(output, dict) else None
         text = error if isinstance(error, str) else json.dumps(error)[:300]
-        return f"{code}: {text}" if code else text
+        # Errors of this worker start with "[code]" already; older ones (and the SDK's own) may not.
+        return f"{code}: {text}" if code and not text.startswith(f"[{code}") else text
     return str(result)[:300]
 
 

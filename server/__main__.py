@@ -79,11 +79,13 @@ def make_context_builder(config, engine, metrics):
     async def build():
         from batching import LatentCache, Scheduler, model_fingerprint
         from server.handler import HandlerContext
-        from server.metrics import SchedulerMetrics
+        from server.metrics import SchedulerMetrics, StorageMetrics
         from storage import ReferenceCache, open_storage
 
         storage_config = config.storage
         storage = await open_storage(storage_config)
+        if metrics:
+            storage.observer = StorageMetrics(metrics)
         references = ReferenceCache(storage_config.cache_dir, storage_config.cache_max_bytes, storage,
                                     max_ref_bytes=storage_config.max_ref_bytes)  # fmt: skip
         model_id = model_fingerprint(config.model_dir) if config.model_dir else config.model

@@ -15,8 +15,10 @@ Names carry their unit; labels are small closed sets:
     xtts_audio_generated_seconds_total               counter    seconds of audio produced
     xtts_real_time_factor_ratio                      histogram  engine seconds / audio seconds (< 1 is faster
                                                                 than real time)
-    xtts_storage_retries_total{reason}               counter
-    xtts_storage_errors_total{reason}                counter
+    xtts_storage_retries_total{reason}               counter    reason: 429 | 5xx | timeout | connection
+    xtts_storage_errors_total{reason}                counter    reason: the error code of an operation that
+                                                                failed for good (storage_unavailable,
+                                                                ref_audio_not_found, ...)
     xtts_gpu_memory_bytes{kind}                      gauge      kind: allocated | reserved; only with CUDA
     xtts_engine_info{engine,device,vocoder}          gauge      1 for the engine this worker runs (set once)
 """
@@ -159,6 +161,9 @@ class SchedulerMetrics:
 
     def batch_done(self, size: int, seconds: float, tokens: int) -> None:
         self.metrics.batch_size.observe(size)
+        # Keep xtts_gpu_memory_bytes current (it was set once at start only, so a memory alert could never
+        # fire): after each batch is when the allocator's figures move. Without CUDA this does nothing.
+        self.metrics.update_gpu_memory()
 
     def queue_depth(self, segments: int) -> None:
         self.metrics.queue_depth.set(segments)
@@ -173,6 +178,19 @@ class SchedulerMetrics:
 
     def vocoder_done(self, seconds: float) -> None:
         self.metrics.observe_stage("vocoder", seconds)
+
+
+class StorageMetrics:
+    """The storage retry loop's observer (storage.retry.RetryObserver) feeding the storage counters."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def retried(self, reason: str) -> None:
+        self.metrics.storage_retries.labels(reason=reason).inc()
+
+    def failed(self, reason: str) -> None:
+        self.metrics.storage_errors.labels(reason=reason).inc()
 
 
 @dataclass

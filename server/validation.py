@@ -1,5 +1,6 @@
 """The edge: a RunPod job's `input` becomes a frozen, typed `TTSRequest`, or a `ValidationError`; and any error
-with an `error_code` becomes the job's output in exactly one place, `error_output`.
+with an `error_code` becomes the job's output in exactly one place, `error_output` (its `error` string starts with
+`[code]` or `[code, retryable]`, parsed back by `server.errors.parse_error`).
 
 Input contract (the seed's payload, checked strictly):
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batching.languages import SUPPORTED_LANGUAGES, normalize_language
+from server.errors import CODE_PATTERN, format_error
 
 OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
 MAX_SEED = 2**63 - 1
@@ -283,21 +285,26 @@ def redact(text: str) -> str:
 
 
 def error_output(exc: BaseException) -> dict[str, Any]:
-    """The job output for a failure: `{"error": message, "error_code": code}`, plus `"retryable": true` when so.
+    """The job output for a failure: `{"error": "[code] message", "error_code": code}`, plus `"retryable": true`
+    (and `, retryable` inside the brackets) when a retry may succeed.
+
+    The code leads the `error` string (`server.errors.format_error`; read it back with `server.errors.parse_error`)
+    because RunPod and its local test API keep only that string of a failed job; `output` keeps `error_code` and
+    `retryable` for transports that keep it.
 
     Errors of this project (validation, storage, batching) carry `error_code` and `retryable`; their message is
     meant for the caller. Anything else is a bug: the caller gets a generic message and the worker's log (written
-    by whoever caught it) keeps the details, so an unexpected message can never leak a credential.
+    by whoever caught it) keeps the details, so an unexpected message can never leak a credential. So is an
+    `error_code` that is not lower-case snake case: it could not be parsed back out of the string.
     """
     code = getattr(exc, "error_code", None)
-    if isinstance(code, str) and code:
+    if isinstance(code, str) and CODE_PATTERN.fullmatch(code):
         message = redact(str(exc)) or type(exc).__name__
-        output: dict[str, Any] = {"error": message, "error_code": code}
     else:
-        output = {
-            "error": f"internal error ({type(exc).__name__}); see the worker's log",
-            "error_code": "internal_error",
-        }
-    if getattr(exc, "retryable", False) is True:
+        code = "internal_error"
+        message = f"internal error ({type(exc).__name__}); see the worker's log"
+    retryable = getattr(exc, "retryable", False) is True
+    output: dict[str, Any] = {"error": format_error(code, message, retryable=retryable), "error_code": code}
+    if retryable:
         output["retryable"] = True
     return output

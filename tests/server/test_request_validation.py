@@ -214,12 +214,14 @@ def test_valid_required_fields_with_any_optionals(optionals):
 
 def test_error_output_of_project_errors():
     assert error_output(ValidationError("gen_text is required", error_code="missing_field")) == {
-        "error": "gen_text is required",
+        "error": "[missing_field] gen_text is required",
         "error_code": "missing_field",
     }
-    assert error_output(TextTooLongError("too long")) == {"error": "too long", "error_code": "text_too_long"}
+    assert error_output(TextTooLongError("too long")) == {
+        "error": "[text_too_long] too long", "error_code": "text_too_long",
+    }  # fmt: skip
     assert error_output(BatchError("batch failed")) == {
-        "error": "batch failed", "error_code": "generation_failed", "retryable": True,
+        "error": "[generation_failed, retryable] batch failed", "error_code": "generation_failed", "retryable": True,
     }  # fmt: skip
 
 
@@ -229,13 +231,16 @@ def test_error_output_of_any_object_with_an_error_code():
         retryable = True
 
     assert error_output(StorageDown("GCS answered 503")) == {
-        "error": "GCS answered 503", "error_code": "storage_unavailable", "retryable": True,
+        "error": "[storage_unavailable, retryable] GCS answered 503", "error_code": "storage_unavailable",
+        "retryable": True,
     }  # fmt: skip
 
 
 def test_unexpected_errors_give_a_generic_message_without_details():
     output = error_output(RuntimeError("https://x/y?X-Goog-Signature=abc123 password=hunter2"))
-    assert output == {"error": "internal error (RuntimeError); see the worker's log", "error_code": "internal_error"}
+    assert output == {
+        "error": "[internal_error] internal error (RuntimeError); see the worker's log", "error_code": "internal_error"
+    }
 
 
 def test_messages_are_redacted_of_signatures_and_tokens():
