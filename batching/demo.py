@@ -27,7 +27,10 @@ from batching.languages import SUPPORTED_LANGUAGES
 DEMO_MARKER_FILE = "DEMO.json"
 DEMO_TOKENS_PER_CHAR = 1.4
 # Bump when the builder changes what it writes: test fixtures key their cached checkpoints on it.
-BUILDER_VERSION = 1
+# 2: HiFi-GAN's weight-norm gains are random (see _randomize_weight_norm_gains).
+BUILDER_VERSION = 2
+# Each output channel's weight-norm gain g is scaled by a factor drawn uniformly from this range.
+WEIGHT_NORM_GAIN_RANGE = (0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -123,20 +126,42 @@ def build_config(size: DemoSize, n_text_tokens: int):
     )
 
 
+def config_for(size: str):
+    """The `XttsConfig` and tokenizer JSON of a demo checkpoint of `size`, without building any weights."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    spec = SIZES[size]
+    vocab_json = build_tokenizer_json(spec.text_tokens)
+    n_text_tokens = len(json.loads(vocab_json)["model"]["vocab"])
+    return build_config(spec, n_text_tokens), vocab_json
+
+
+def _randomize_weight_norm_gains(module, seed: int) -> None:
+    """Scale every weight-norm gain g of `module` by a random factor per output channel.
+
+    A freshly built weight-normed layer has g = ||v|| exactly, so its weight is v itself: folding the weight norm
+    (XttsEngine) or dropping g entirely would give the same audio, and no test could tell. Real checkpoints have
+    trained gains; random ones make demo checkpoints just as sensitive to how g is handled."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    lo, hi = WEIGHT_NORM_GAIN_RANGE
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                g = m.parametrizations.weight.original0
+                g.mul_(lo + (hi - lo) * torch.rand(g.shape, generator=gen, dtype=g.dtype))
+
+
 def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a random-weight checkpoint folder; the same `size` and `seed` give the same weights."""
     import torch
     from TTS.tts.models.xtts import Xtts
 
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
-    spec = SIZES[size]
+    config, vocab_json = config_for(size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    vocab_json = build_tokenizer_json(spec.text_tokens)
-    n_text_tokens = len(json.loads(vocab_json)["model"]["vocab"])
-    config = build_config(spec, n_text_tokens)
     marker = {
         "demo": True,
         "warning": "RANDOM WEIGHTS: a demo checkpoint for tests and benchmarks, not a voice model.",
@@ -148,6 +173,7 @@ def build(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = Xtts(config)
+    _randomize_weight_norm_gains(model.hifigan_decoder, seed)
     # Saved before .eval(): eval() builds the inference wrapper, whose extra keys a checkpoint must not have.
     state = {"model": model.state_dict(), "config": config.to_dict(), "demo": marker}
 

@@ -29,3 +29,13 @@ def tiny_engine(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def voice_wav() -> np.ndarray:
     return synthetic_voice()
+
+
+@pytest.fixture(scope="session")
+def tiny_stock_engine(tiny_checkpoint):
+    """XTTS_ENGINE=stock on a model of its own, loaded as coqui loads it: HiFi-GAN keeps its weight-norm
+    parametrizations, which `tiny_engine` folds. Comparisons with stock XTTS must run on this model, not on
+    `tiny_engine.model`, or a fault in the folding would be on both sides and cancel out."""
+    from batching.stock import StockEngine
+
+    return StockEngine.load(tiny_checkpoint, device="cpu")

@@ -50,20 +50,26 @@ def test_small_checkpoint_has_the_small_dimensions_and_loads(tmp_path):
     assert (args.gpt_layers, args.gpt_n_model_channels, args.gpt_n_heads) == (6, 512, 8)
 
 
-@pytest.mark.slow
-def test_full_checkpoint_has_the_released_dimensions(tmp_path):
-    folder = demo.build(tmp_path / "full", size="full")
-    try:
-        config = json.loads((folder / "config.json").read_text())["model_args"]
-        assert (config["gpt_layers"], config["gpt_n_model_channels"], config["gpt_n_heads"]) == (30, 1024, 16)
-        assert config["gpt_number_text_tokens"] == 6681
-        assert (config["gpt_num_audio_tokens"], config["gpt_start_audio_token"], config["gpt_stop_audio_token"]) == (
-            1026, 1024, 1025,
-        )  # fmt: skip
-        assert (folder / "model.pth").stat().st_size > 1_500_000_000
-    finally:
-        for f in folder.iterdir():
-            f.unlink()
+def test_full_config_has_the_released_dimensions():
+    """The config a `--size full` checkpoint gets, built without its 1.9 GB of weights."""
+    config, vocab_json = demo.config_for("full")
+    args = config.to_dict()["model_args"]  # what config.json holds
+    assert (args["gpt_layers"], args["gpt_n_model_channels"], args["gpt_n_heads"]) == (30, 1024, 16)
+    assert args["gpt_number_text_tokens"] == 6681 == len(json.loads(vocab_json)["model"]["vocab"])
+    assert (args["gpt_num_audio_tokens"], args["gpt_start_audio_token"], args["gpt_stop_audio_token"]) == (
+        1026, 1024, 1025,
+    )  # fmt: skip
+    assert (args["gpt_max_text_tokens"], args["gpt_max_audio_tokens"]) == (402, 605)
+    assert args["decoder_input_dim"] == 1024 and args["d_vector_dim"] == 512
+    assert (config.temperature, config.top_k, config.top_p, config.repetition_penalty) == (0.75, 50, 0.85, 5.0)
+
+
+def test_build_writes_the_config_of_its_size(tiny_checkpoint):
+    config, _ = demo.config_for("tiny")
+    written = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert written["model_args"] == json.loads(json.dumps(config.to_dict()["model_args"]))
+    with pytest.raises(ValueError, match="size must be one of tiny, small, full"):
+        demo.config_for("huge")
 
 
 def test_missing_checkpoint_files_are_named(tmp_path):

@@ -21,8 +21,30 @@ class Clock:
         return self.now
 
 
+SAMPLES_PER_CHAR = 11  # wider than twice the 5 ms join fade at 1000 Hz: each run's middle sample is never faded
+
+
+def char_value(c: str) -> float:
+    return ord(c) / 1024.0
+
+
+def spell(text: str) -> np.ndarray:
+    """The fake engine's audio for `text`: one run of SAMPLES_PER_CHAR samples per character, its level the
+    character's code."""
+    return np.repeat(np.array([char_value(c) for c in text], dtype=np.float32), SAMPLES_PER_CHAR)
+
+
+def spoken(wav: np.ndarray) -> str:
+    """The text a (joined) fake waveform spells: the middle sample of each run, which a join's fade never
+    touches. A wrong join order, a lost or doubled segment, or another request's audio all read differently."""
+    assert len(wav) % SAMPLES_PER_CHAR == 0, len(wav)
+    middles = np.asarray(wav, dtype=np.float64)[SAMPLES_PER_CHAR // 2:: SAMPLES_PER_CHAR]
+    return "".join(chr(round(v * 1024.0)) for v in middles)
+
+
 class FakeEngine:
-    """Segments are the text split on '|'; a row's audio spells its text (one sample per character).
+    """Segments are the text split on '|'; a row's audio spells its text (`spell`: a run of samples per
+    character, read back with `spoken`).
 
     A segment containing FAIL raises, NAN gives non-finite audio, FATAL raises a CUDA error, and a batch larger
     than `oom_above` raises an out-of-memory error. Every batch and every conditioning is recorded, and `gate`
@@ -66,7 +88,7 @@ class FakeEngine:
             raise ValueError("this row is broken")
         out = []
         for t in texts:
-            wav = np.full(len(t), 0.1, dtype=np.float32)
+            wav = spell(t)
             if "NAN" in t:
                 wav[0] = np.nan
             out.append(SegmentAudio(np.arange(len(t)), wav))
@@ -113,10 +135,43 @@ async def test_a_request_is_split_and_rejoined_in_order(make_scheduler):
     s, engine = await make_scheduler()
     result = await s.submit(request("one|two|three"))
     assert result.segments == 3
-    assert len(result.wav) == len("onetwothree")
+    assert spoken(result.wav) == "onetwothree"  # every segment, once, in the text's order
     assert engine.batches == [["one", "two", "three"]]
     assert result.batch_sizes == (3, 3, 3)
     assert result.sample_rate == 1000
+    assert result.duration_s == len("onetwothree") * SAMPLES_PER_CHAR / 1000
+
+
+async def test_segments_batched_with_other_jobs_are_rejoined_in_their_own_order(make_scheduler):
+    """Several multi-segment requests of two voices, each spread over several batches that mix its rows with
+    other requests' rows: each result spells its own text, its segments in order."""
+    engine = FakeEngine()
+    s, _ = await make_scheduler(engine, max_batch_size=3, batch_wait_s=0.0)
+    for voice in "AB":  # latents first (conditioning runs on the engine thread too)
+        await s.submit(request("warm", voice))
+    engine.batches.clear()
+    engine.gate.clear()  # hold the engine in a first batch while every other request queues behind it
+    blocker = asyncio.create_task(s.submit(request("hold", "A")))
+    await settle(lambda: s.queue_depth == 0 and not s.idle)
+    texts = [("one|two|three|four", "A"), ("alpha|beta", "B"), ("uno|dos|tres", "A"),
+             ("red|green|blue|cyan|pink", "B"), ("solo", "A")]  # fmt: skip
+    jobs, queued = [], 0
+    for text, voice in texts:
+        jobs.append(asyncio.create_task(s.submit(request(text, voice))))
+        queued += text.count("|") + 1
+        await settle(lambda: s.queue_depth == queued)  # a known arrival order
+    engine.gate.set()
+    results = await asyncio.gather(*jobs)
+    await blocker
+
+    assert [spoken(r.wav) for r in results] == [text.replace("|", "") for text, _ in texts]
+    assert [r.segments for r in results] == [4, 2, 3, 5, 1]
+    # The case it is about did happen: requests spread over several batches, batches mixing requests.
+    owner = {seg: n for n, (text, _) in enumerate(texts) for seg in text.split("|")}
+    batches = [b for b in engine.batches if b != ["hold"]]
+    assert any(len({owner[t] for t in b}) > 1 for b in batches), batches
+    assert all(len(r.batch_sizes) == r.segments for r in results)
+    assert any(len({id(b) for b in batches if any(owner[t] == n for t in b)}) > 1 for n in range(len(texts)))
 
 
 async def test_the_vocoder_time_of_each_batch_goes_to_the_observer(make_scheduler):
@@ -131,8 +186,9 @@ async def test_the_vocoder_time_of_each_batch_goes_to_the_observer(make_schedule
     engine.last_vocoder_s = 0.25
     observer = Recorder()
     s, _ = await make_scheduler(engine, observer=observer, max_batch_size=2)
-    await s.submit(request("one|two|three"))
+    result = await s.submit(request("one|two|three"))
     assert engine.batches == [["one", "two"], ["three"]] and observer.vocoder == [0.25, 0.25]
+    assert spoken(result.wav) == "onetwothree"  # joined in order across two batches
 
 
 async def test_same_voice_rows_are_grouped_and_the_size_is_capped(make_scheduler):
@@ -150,7 +206,8 @@ async def test_same_voice_rows_are_grouped_and_the_size_is_capped(make_scheduler
         jobs.append(asyncio.create_task(s.submit(request(text, voice))))
         await settle(lambda: s.queue_depth == len(jobs))
     engine.gate.set()
-    await asyncio.gather(blocker, *jobs)
+    results = await asyncio.gather(blocker, *jobs)
+    assert [spoken(r.wav) for r in results] == ["z0"] + [text for text, _ in order]  # each its own audio
     assert engine.batches[0] == ["z0"]
     assert engine.batches[1] == ["a1", "a2", "a3"]  # the oldest's voice first, oldest first, at most 3
     assert sorted(engine.batches[2]) == ["a4", "b1", "b2"]  # then the rest, filled with the other voice
@@ -211,7 +268,7 @@ async def test_a_failing_row_fails_alone(make_scheduler):
     results = await asyncio.gather(*(s.submit(request(t)) for t in ["r1", "FAIL", "r3", "r4"]),
                                    return_exceptions=True)  # fmt: skip
     assert isinstance(results[1], BatchError) and "this row is broken" in str(results[1])
-    assert [r.segments for i, r in enumerate(results) if i != 1] == [1, 1, 1]
+    assert [spoken(r.wav) for i, r in enumerate(results) if i != 1] == ["r1", "r3", "r4"]
     assert engine.batches[0] == ["r1", "FAIL", "r3", "r4"]  # tried together, then split in halves
     assert ["FAIL"] in engine.batches
 
@@ -219,7 +276,7 @@ async def test_a_failing_row_fails_alone(make_scheduler):
 async def test_a_nan_row_fails_alone(make_scheduler):
     s, _ = await make_scheduler(max_batch_size=2, batch_wait_s=3600.0)
     good, bad = await asyncio.gather(s.submit(request("fine")), s.submit(request("NAN!")), return_exceptions=True)
-    assert good.segments == 1
+    assert spoken(good.wav) == "fine"
     assert isinstance(bad, BatchError) and "non-finite" in str(bad)
 
 
@@ -227,7 +284,16 @@ async def test_an_out_of_memory_batch_is_halved(make_scheduler):
     engine = FakeEngine(oom_above=2)
     s, _ = await make_scheduler(engine, max_batch_size=8, batch_wait_s=3600.0)
     results = await asyncio.gather(*(s.submit(request(f"m{i}")) for i in range(8)))
-    assert all(r.segments == 1 for r in results)
+    assert [spoken(r.wav) for r in results] == [f"m{i}" for i in range(8)]
+    assert [len(b) for b in engine.batches] == [8, 4, 2, 2, 4, 2, 2]
+
+
+async def test_multi_segment_requests_survive_out_of_memory_halving_in_order(make_scheduler):
+    engine = FakeEngine(oom_above=2)
+    s, _ = await make_scheduler(engine, max_batch_size=8, batch_wait_s=3600.0)
+    texts = ["ab|cd|ef", "gh|ij", "kl|mn|op"]  # 8 rows: one batch, halved to 4, then to pairs
+    results = await asyncio.gather(*(s.submit(request(t)) for t in texts))
+    assert [spoken(r.wav) for r in results] == [t.replace("|", "") for t in texts]
     assert [len(b) for b in engine.batches] == [8, 4, 2, 2, 4, 2, 2]
 
 
@@ -251,6 +317,7 @@ async def test_a_fatal_device_error_fails_everything_and_calls_on_fatal(make_sch
 async def test_conditioning_runs_once_for_sixteen_concurrent_jobs_of_a_new_voice(make_scheduler):
     s, engine = await make_scheduler(max_batch_size=16, batch_wait_s=3600.0)
     results = await asyncio.gather(*(s.submit(request(f"j{i}", voice="new")) for i in range(16)))
+    assert [spoken(r.wav) for r in results] == [f"j{i}" for i in range(16)]
     assert len(engine.conditioned) == 1
     assert sum(not r.latent_cache_hit for r in results) == 1
     assert engine.batches == [[f"j{i}" for i in range(16)]]
@@ -265,8 +332,9 @@ async def test_the_model_is_only_touched_from_one_engine_thread(make_scheduler):
 async def test_progress_is_reported_per_segment(make_scheduler):
     progress = []
     s, _ = await make_scheduler(max_batch_size=1)
-    await s.submit(request("a|b|c", on_progress=lambda done, total: progress.append((done, total))))
+    result = await s.submit(request("a|b|c", on_progress=lambda done, total: progress.append((done, total))))
     assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert spoken(result.wav) == "abc"
 
 
 async def test_close_fails_waiting_requests_with_a_retryable_error(make_scheduler):

@@ -12,9 +12,10 @@ from tests.conftest import synthetic_voice
 
 
 @pytest.fixture(scope="module")
-def stock_engine(tiny_checkpoint):
+def stock_engine(tiny_stock_engine):
     # Its own model: the session's tiny_engine has folded the vocoder's weight norm, which stock XTTS does not do.
-    return StockEngine.load(tiny_checkpoint, device="cpu")
+    assert isinstance(tiny_stock_engine, StockEngine)
+    return tiny_stock_engine
 
 
 def test_keeps_the_vocoder_as_stock_xtts_loads_it(stock_engine):

@@ -6,7 +6,10 @@
     gcs_worker      `python -m server` in RunPod's production mode (RUNPOD_WEBHOOK_GET_JOB -> fake_runpod), GCS on
                     the emulator with a throwaway service-account key (so result URLs are V4-signed), the tiny demo
                     checkpoint on CPU; started once per module, ready when the SDK asks for its first jobs; killed
-                    (its whole process group) at the end, also when a test or the start fails
+                    (its whole process group) at the end, also when a test or the start fails. It runs the server's
+                    main through tests/reliability/faulty_worker.py, which leaves every job alone except one whose
+                    seed is GATE: that job's batch waits while `gcs_worker.gate_file` exists, so a test can hold the
+                    engine busy on cue instead of hoping a batch lasts long enough
 
 Every fixture is module-scoped and lives on the module's event loop: a test module that uses them marks its tests
 `pytest.mark.asyncio(loop_scope="module")`. A worker's output goes to a log file; when a test fails, the tail of
@@ -41,9 +44,11 @@ from bench.runpod_fake import FakeRunPod, WorkerProcess
 from bench.stats import Snapshot
 from bench.voices import synthetic_voice
 from tests.conftest import ROOT
+from tests.reliability.faulty_worker import GATE
 from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture, re-exported here)
 
 REPO = ROOT
+FAULTY_WORKER = ROOT / "tests" / "reliability" / "faulty_worker.py"
 BUCKET = "seu-bucket"  # GCS_BUCKET_NAME: results go here; the seed's test_input.json reference lives here
 OTHER_BUCKET = "meu-bucket"  # the seed README's curl and Python examples read their references from this one
 SEED_INPUT: dict = json.loads((REPO / "test_input.json").read_text(encoding="utf-8"))["input"]
@@ -197,10 +202,11 @@ class MetricsSnapshot(Snapshot):
 class E2EWorker:
     """A running `python -m server` process (a bench.runpod_fake.WorkerProcess) and its metrics endpoint."""
 
-    def __init__(self, name: str, process: WorkerProcess, metrics_port: int):
+    def __init__(self, name: str, process: WorkerProcess, metrics_port: int, gate_file: Path | None = None):
         self.name = name
         self.process = process
         self.metrics_port = metrics_port
+        self.gate_file = gate_file  # FAULTY_GATE_FILE of a worker run through tests/reliability/faulty_worker.py
         self.exit_status: int | None = None
 
     @property
@@ -227,19 +233,28 @@ class E2EWorker:
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    name: str, fake: FakeRunPod, env: Mapping[str, str], log_dir: Path, *, metrics_port: int
-) -> AsyncIterator[E2EWorker]:
+    name: str, fake: FakeRunPod, env: Mapping[str, str], log_dir: Path, *, metrics_port: int,
+    gated: bool = False,
+) -> AsyncIterator[E2EWorker]:  # fmt: skip
     """Start `python -m server` against `fake`, wait until the SDK asks for jobs and the metrics endpoint answers,
-    yield it; SIGTERM (then SIGKILL) its process group at the end, whatever happened."""
+    yield it; SIGTERM (then SIGKILL) its process group at the end, whatever happened. `gated`: run the server's
+    main through tests/reliability/faulty_worker.py with a gate file (E2EWorker.gate_file) for its GATE seed."""
     log_path = log_dir / f"{name}.log"
-    process = WorkerProcess([sys.executable, "-m", "server"], {**env, **fake.env()}, log_path, cwd=str(REPO))
+    argv, env, gate_file = [sys.executable, "-m", "server"], dict(env), None
+    if gated:
+        gate_file = log_dir / f"{name}.gate"
+        argv = [sys.executable, str(FAULTY_WORKER)]
+        env.update(FAULTY_GATE_FILE=str(gate_file), FAULTY_GATE_SEEDS=str(GATE))
+    process = WorkerProcess(argv, {**env, **fake.env()}, log_path, cwd=str(REPO))
     await process.start()
-    worker = E2EWorker(name, process, metrics_port)
+    worker = E2EWorker(name, process, metrics_port, gate_file)
     _OPEN_LOGS[name] = log_path
     try:
         await _wait_ready(worker, fake)
         yield worker
     finally:
+        if gate_file is not None:
+            gate_file.unlink(missing_ok=True)  # never leave a batch held: the worker must be able to stop
         worker.exit_status = await process.stop(timeout_s=30)
         _OPEN_LOGS.pop(name, None)
     # RunPod stops a worker with SIGTERM: it must exit by itself, cleanly (-9 would mean it needed SIGKILL).
@@ -335,5 +350,6 @@ async def gcs_worker(
         GCS_CREDENTIALS=service_account.json,
         ALLOWED_BUCKETS=f"{BUCKET},{OTHER_BUCKET}",
     )
-    async with running_worker("gcs-worker", fake_runpod, env, folder, metrics_port=metrics_port) as worker:
+    async with running_worker("gcs-worker", fake_runpod, env, folder, metrics_port=metrics_port,
+                              gated=True) as worker:  # fmt: skip
         yield worker

@@ -9,9 +9,17 @@ loop, the handler, the scheduler and the engine on a demo checkpoint.
     OOM    any batch of more than one row holding it raises torch's out-of-memory error
     CUDA   any batch holding it raises a CUDA error (the device is unusable)
     SLOW   any batch holding it holds the engine thread for FAULTY_SLOW_S seconds first (default 8)
+    GATE   an ordinary row, held at the gate (below) by default
+
+The gate: while the file named by FAULTY_GATE_FILE exists, a batch holding one of the seeds in FAULTY_GATE_SEEDS
+(comma-separated; default GATE) waits before anything else, so that a test can fill the queue behind it and then
+open the gate (delete the file) on cue, instead of hoping the engine stays busy long enough.
 
 Every call prints the seeds of its rows (`faulty_worker: generate seeds=[...]`), so a test can tell which jobs
-reached the engine.
+reached the engine; a held batch prints `faulty_worker: held at the gate` and `faulty_worker: gate opened`. The
+process prints `faulty_worker: fatal error at <unix time>` when the scheduler reports a fatal engine error
+(server.__main__._exit_on_fatal) and `faulty_worker: exiting at <unix time>` when the exit fires
+(server.__main__._hard_exit), so a test can measure the grace between them.
 """
 
 import os
@@ -26,12 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from batching.engine import SegmentAudio, XttsEngine  # noqa: E402
 
-RAISE, NAN, OOM, CUDA, SLOW = 9001, 9002, 9003, 9004, 9005
+RAISE, NAN, OOM, CUDA, SLOW, GATE = 9001, 9002, 9003, 9004, 9005, 9006
+
+
+def _wait_at_the_gate(seeds: set) -> None:
+    gate = os.environ.get("FAULTY_GATE_FILE")
+    held = {int(s) for s in os.environ.get("FAULTY_GATE_SEEDS", str(GATE)).split(",") if s.strip()}
+    if gate and seeds & held and os.path.exists(gate):
+        print("faulty_worker: held at the gate", flush=True)
+        while os.path.exists(gate):
+            time.sleep(0.02)
+        print("faulty_worker: gate opened", flush=True)
 
 
 def generate(self, segments):
     seeds = {s.params.seed for s in segments}
     print(f"faulty_worker: generate seeds={sorted(seeds, key=lambda x: -1 if x is None else x)}", flush=True)
+    _wait_at_the_gate(seeds)
     if SLOW in seeds:
         time.sleep(float(os.environ.get("FAULTY_SLOW_S", "8")))
         print("faulty_worker: slow call done", flush=True)
@@ -51,6 +70,18 @@ _real_generate = XttsEngine.generate
 if __name__ == "__main__":
     # Only in the worker process: importing this module (the tests take the seed values from it) changes nothing.
     XttsEngine.generate = generate
-    from server.__main__ import main
+    import server.__main__ as entry
 
-    sys.exit(main())
+    _real_exit_on_fatal, _real_hard_exit = entry._exit_on_fatal, entry._hard_exit
+
+    def _exit_on_fatal(error):
+        print(f"faulty_worker: fatal error at {time.time():.3f}", flush=True)
+        _real_exit_on_fatal(error)
+
+    def _hard_exit():
+        print(f"faulty_worker: exiting at {time.time():.3f}", flush=True)
+        _real_hard_exit()
+
+    # Module globals, looked up when the scheduler is built (on_fatal) and when the exit timer is armed.
+    entry._exit_on_fatal, entry._hard_exit = _exit_on_fatal, _hard_exit
+    sys.exit(entry.main())

@@ -24,6 +24,7 @@ from server.config import WorkerConfig
 from server.handler import HandlerContext, make_handler
 from server.metrics import Metrics, SchedulerMetrics
 from storage import ReferenceCache, StorageConfig, open_storage
+from tests.batching.test_scheduler import FakeEngine, spell, spoken
 from tests.conftest import synthetic_voice
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +42,8 @@ def seed_input(**changes) -> dict:
 
 
 class ScriptedScheduler:
-    """Stands in for batching.Scheduler where a test needs to decide what `submit` does."""
+    """Stands in for batching.Scheduler where a test needs to decide what `submit` does. Its audio spells the
+    request's text (tests.batching.test_scheduler.spell), so an upload can be traced back to its job."""
 
     clock = staticmethod(time.monotonic)
 
@@ -63,10 +65,10 @@ class ScriptedScheduler:
             except asyncio.CancelledError:
                 self.cancelled.append(request.request_id)
                 raise
-        out = np.sin(np.arange(24000, dtype=np.float32) / 10) * 0.3
+        out = spell(request.text)
         return SynthesisResult(
-            wav=out, sample_rate=24000, duration_s=1.0, segments=1, queue_wait_s=0.01, engine_s=0.5,
-            conditioning_s=0.2, latent_cache_hit=False, batch_sizes=(3,),
+            wav=out, sample_rate=FakeEngine.sample_rate, duration_s=len(out) / FakeEngine.sample_rate, segments=1,
+            queue_wait_s=0.01, engine_s=0.5, conditioning_s=0.2, latent_cache_hit=False, batch_sizes=(3,),
         )  # fmt: skip
 
 
@@ -109,6 +111,12 @@ def decoded_duration(audio_url: str) -> float:
     path = Path(urlsplit(audio_url).path)
     info = sf.info(io.BytesIO(path.read_bytes()))
     return info.frames / info.samplerate
+
+
+def uploaded_text(audio_url: str) -> str:
+    """What the uploaded result spells (the fake engines' audio: tests.batching.test_scheduler.spell)."""
+    audio, _ = sf.read(io.BytesIO(Path(urlsplit(audio_url).path).read_bytes()), dtype="float32")
+    return spoken(audio)
 
 
 async def test_seed_example_end_to_end_on_the_demo_engine(world, tiny_engine, caplog):
@@ -162,9 +170,12 @@ async def test_output_carries_the_request_to_the_scheduler(world):
         {"id": "job-1", "input": seed_input(top_k=40, seed=7, repetition_penalty=2.0, speed=1.5)}
     )
     assert set(output) == SEED_KEYS | EXTRA_KEYS
-    assert (output["batch_size"], output["duration"], output["reference_cache_hit"]) == (3, 1.0, False)
+    text = "Olá! Este é um exemplo de síntese de voz usando XTTS V2."
+    duration = round(len(text) * len(spell("x")) / FakeEngine.sample_rate, 2)
+    assert (output["batch_size"], output["duration"], output["reference_cache_hit"]) == (3, duration, False)
+    assert uploaded_text(output["audio_url"]) == text  # the scheduler's audio is what was uploaded
     (request,) = scheduler.requests
-    assert request.text == "Olá! Este é um exemplo de síntese de voz usando XTTS V2."
+    assert request.text == text
     assert (request.language, request.request_id) == ("pt", "job-1")
     assert (request.params.top_k, request.params.seed, request.params.speed) == (40, 7, 1.5)
     assert (request.params.temperature, request.params.top_p, request.params.repetition_penalty) == (0.7, 0.85, 2.0)
@@ -176,7 +187,7 @@ async def test_output_carries_the_request_to_the_scheduler(world):
 async def test_invalid_input_is_answered_before_any_work(world):
     scheduler = ScriptedScheduler()
     output = await world["handler_for"](scheduler)({"id": "job-2", "input": seed_input(top_k=True)})
-    assert output == {"error": "top_k must be an integer, got a boolean", "error_code": "invalid_type"}
+    assert output == {"error": "[invalid_type] top_k must be an integer, got a boolean", "error_code": "invalid_type"}
     assert scheduler.requests == [] and world["references"].entries == 0
     assert sample(world, "xtts_jobs_total", status="invalid", language="unknown") == 1
     assert sample(world, "xtts_jobs_in_flight") == 0
@@ -202,7 +213,8 @@ async def test_engine_errors_keep_their_code_and_retryable_flag(world):
     output = await world["handler_for"](ScriptedScheduler(BatchError("the batch failed")))(
         {"id": "job-5", "input": seed_input()}
     )
-    assert output == {"error": "the batch failed", "error_code": "generation_failed", "retryable": True}
+    assert output == {"error": "[generation_failed, retryable] the batch failed", "error_code": "generation_failed",
+                      "retryable": True}  # fmt: skip
     assert sample(world, "xtts_jobs_total", status="failed", language="pt") == 1
 
 
@@ -211,7 +223,8 @@ async def test_an_unexpected_error_is_reported_without_its_details(world, caplog
     output = await world["handler_for"](ScriptedScheduler(RuntimeError("secret detail")))(
         {"id": "job-6", "input": seed_input()}
     )
-    assert output == {"error": "internal error (RuntimeError); see the worker's log", "error_code": "internal_error"}
+    assert output == {"error": "[internal_error] internal error (RuntimeError); see the worker's log",
+                      "error_code": "internal_error"}  # fmt: skip
     failure = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert failure and failure[0].exc_info is not None  # the log keeps the traceback for the operator
 
@@ -260,10 +273,31 @@ async def test_a_lazy_context_is_built_once_in_the_jobs_loop_and_retried_after_a
     handler = make_handler(build)
     failed = await handler({"id": "job-9", "input": seed_input()})
     assert failed["error_code"] == "storage_not_configured" and "GCS_BUCKET_NAME" in failed["error"]
-    outputs = await asyncio.gather(*(handler({"id": f"job-{n}", "input": seed_input()}) for n in range(10, 13)))
+    outputs = await asyncio.gather(*(handler({"id": f"job-{n}", "input": seed_input(gen_text=f"Job {n}.")})
+                                     for n in range(10, 13)))  # fmt: skip
     assert all(set(output) == SEED_KEYS | EXTRA_KEYS for output in outputs)
+    assert [uploaded_text(output["audio_url"]) for output in outputs] == ["Job 10.", "Job 11.", "Job 12."]
     assert len(builds) == 2 and builds[1] is asyncio.get_running_loop()
     assert len(scheduler.requests) == 3
+
+
+async def test_concurrent_multi_segment_jobs_upload_their_own_segments_in_order(world):
+    """The real Scheduler, with a fake engine whose audio spells each segment's text ('|' splits segments):
+    jobs split into several segments and batched with each other each upload their own text, in order."""
+    engine = FakeEngine()
+    scheduler = Scheduler(engine, LatentCache(4, None, "test"), max_batch_size=3, batch_wait_s=0.05)
+    await scheduler.start()
+    texts = ["Um|dois|três|quatro.", "Alfa|beta.", "Sol|lua|mar.", "Uma frase só."]
+    try:
+        handler = world["handler_for"](scheduler)
+        outputs = await asyncio.gather(
+            *(handler({"id": f"job-s{n}", "input": seed_input(gen_text=t)}) for n, t in enumerate(texts)))
+    finally:
+        await scheduler.close()
+    assert [output.get("segments") for output in outputs] == [4, 2, 3, 1], outputs
+    assert [uploaded_text(output["audio_url"]) for output in outputs] == [t.replace("|", "") for t in texts]
+    owner = {seg: n for n, t in enumerate(texts) for seg in t.split("|")}
+    assert any(len({owner[seg] for seg in batch}) > 1 for batch in engine.batches), engine.batches  # mixed
 
 
 def test_the_concurrency_modifier_is_constant():

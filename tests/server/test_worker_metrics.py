@@ -1,7 +1,12 @@
-"""server.metrics: names with units, a registry per test, and the HTTP endpoint."""
+"""server.metrics: names with units, a registry per test, the HTTP endpoint, and the values real jobs feed in
+(the handler and the real Scheduler, with a fake engine and local storage).
+
+xtts_storage_retries_total and xtts_storage_errors_total are not exercised here (local storage never retries);
+feeding them is issue #11's work, tested with it. No test here increments a metric by hand and reads it back."""
 
 from __future__ import annotations
 
+import asyncio
 import types
 import urllib.request
 
@@ -9,7 +14,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from batching import LatentCache, Scheduler
 from server.metrics import CACHES, STAGES, Metrics, MetricsServer, SchedulerMetrics, start_metrics_server
+from tests.batching.test_scheduler import SAMPLES_PER_CHAR, FakeEngine
+from tests.server.test_handler import seed_input, world  # noqa: F401  (world: the handler tests' fixture)
 
 
 @pytest.fixture
@@ -51,34 +59,91 @@ def test_two_registries_do_not_share_state():
     assert value(second, "xtts_jobs_total", status="completed", language="pt") is None
 
 
-def test_jobs_stages_caches_and_audio(metrics):
+def test_the_helpers_record_jobs_stages_caches_and_audio(metrics):
     metrics.record_job("completed", "pt", 2.0)
-    metrics.record_job("failed", "en", 0.5)
+    metrics.record_job("failed", "en", -0.5)  # a clock step backwards is recorded as 0, never negative
     for stage in STAGES:
         metrics.observe_stage(stage, 0.25)
     metrics.record_cache("latents", hit=True)
     metrics.record_cache("reference_audio", hit=False)
-    metrics.cache_bytes.labels(cache="reference_audio").set(1234)
-    metrics.batch_size.observe(8)
-    metrics.queue_depth.set(5)
-    metrics.jobs_in_flight.inc()
     metrics.record_audio(audio_s=4.0, engine_s=1.0)
-    metrics.storage_retries.labels(reason="timeout").inc()
-    metrics.storage_errors.labels(reason="not_found").inc()
 
     assert value(metrics, "xtts_jobs_total", status="failed", language="en") == 1
     assert value(metrics, "xtts_job_duration_seconds_sum", status="completed") == 2.0
+    assert value(metrics, "xtts_job_duration_seconds_sum", status="failed") == 0.0
     assert all(value(metrics, "xtts_stage_duration_seconds_count", stage=s) == 1 for s in STAGES)
     assert value(metrics, "xtts_cache_hits_total", cache="latents") == 1
     assert value(metrics, "xtts_cache_hits_total", cache="reference_audio") == 0  # present at 0 from the start
     assert value(metrics, "xtts_cache_misses_total", cache="reference_audio") == 1
-    assert value(metrics, "xtts_cache_size_bytes", cache="reference_audio") == 1234
-    assert value(metrics, "xtts_batch_size_rows_bucket", le="8.0") == 1
-    assert value(metrics, "xtts_queue_depth_requests") == 5 and value(metrics, "xtts_jobs_in_flight") == 1
     assert value(metrics, "xtts_audio_generated_seconds_total") == 4.0
-    assert value(metrics, "xtts_real_time_factor_ratio_sum") == 0.25
-    assert value(metrics, "xtts_storage_retries_total", reason="timeout") == 1
-    assert value(metrics, "xtts_storage_errors_total", reason="not_found") == 1
+    assert value(metrics, "xtts_real_time_factor_ratio_sum") == 0.25  # engine seconds per audio second
+
+
+async def test_jobs_through_the_handler_and_the_scheduler_feed_every_metric_they_should(world):
+    """Real observations, not values set by hand: jobs run through the handler (local storage, the reference
+    cache) and the real Scheduler (a fake engine whose audio is 11 samples per character at 1000 Hz)."""
+    metrics = world["metrics"]
+    engine = FakeEngine()
+    engine.last_vocoder_s = 0.125
+    scheduler = Scheduler(engine, LatentCache(4, None, "metrics"), max_batch_size=2, batch_wait_s=0.0,
+                          observer=SchedulerMetrics(metrics))  # fmt: skip
+    await scheduler.start()
+    handler = world["handler_for"](scheduler)
+    texts = ["Um|dois.", "Três|quatro|cinco.", "Seis."]
+    try:
+        first = await handler({"id": "m-1", "input": seed_input(gen_text=texts[0])})  # downloads, conditions
+        assert value(metrics, "xtts_jobs_in_flight") == 0
+        # Two more jobs while the engine is held inside a batch: the gauges show them in flight and queued.
+        engine.gate.clear()
+
+        async def until(condition, what):
+            for _ in range(1000):
+                if condition():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"never happened: {what}")
+
+        later = [asyncio.create_task(handler({"id": "m-2", "input": seed_input(gen_text=texts[1])}))]
+        # its first 2 rows (the batch size cap) held in the engine, the third queued
+        await until(lambda: scheduler.queue_depth == 1 and not scheduler.idle, "m-2's first batch held")
+        later.append(asyncio.create_task(handler({"id": "m-3", "input": seed_input(gen_text=texts[2])})))
+        await until(lambda: scheduler.queue_depth == 2, "m-3's row queued too")
+        assert value(metrics, "xtts_jobs_in_flight") == 2 and value(metrics, "xtts_queue_depth_requests") == 2
+        engine.gate.set()
+        outputs = [first, *await asyncio.gather(*later)]
+        invalid = await handler({"id": "m-4", "input": seed_input(top_k=0)})
+        failed = await handler({"id": "m-5", "input": seed_input(gen_text="FAIL now")})
+    finally:
+        engine.gate.set()
+        await scheduler.close()
+
+    assert [o.get("segments") for o in outputs] == [2, 3, 1], outputs
+    assert invalid["error_code"] == "out_of_range" and failed["error_code"] == "generation_failed"
+    assert value(metrics, "xtts_jobs_total", status="completed", language="pt") == 3
+    assert value(metrics, "xtts_jobs_total", status="invalid", language="unknown") == 1  # refused before parsing
+    assert value(metrics, "xtts_jobs_total", status="failed", language="pt") == 1
+    assert value(metrics, "xtts_job_duration_seconds_count", status="completed") == 3
+    assert value(metrics, "xtts_jobs_in_flight") == 0 and value(metrics, "xtts_queue_depth_requests") == 0
+    # Every row the engine generated is in the batch-size histogram, one observation per batch.
+    rows = [len(b) for b in engine.batches]
+    assert sum(rows) == 2 + 3 + 1 + 1  # the failing job's one row too
+    assert value(metrics, "xtts_batch_size_rows_count") == len(rows) - 1  # ... but the failed batch is no batch done
+    assert value(metrics, "xtts_batch_size_rows_sum") == sum(rows) - 1
+    assert value(metrics, "xtts_stage_duration_seconds_count", stage="vocoder") == len(rows) - 1
+    assert value(metrics, "xtts_stage_duration_seconds_sum", stage="vocoder") == 0.125 * (len(rows) - 1)
+    # One download and one conditioning for the voice; every later job hit both caches.
+    assert value(metrics, "xtts_cache_misses_total", cache="reference_audio") == 1
+    assert value(metrics, "xtts_cache_hits_total", cache="reference_audio") == 3  # the invalid job never looked
+    assert value(metrics, "xtts_stage_duration_seconds_count", stage="download") == 1
+    assert value(metrics, "xtts_cache_size_bytes", cache="reference_audio") == world["references"].bytes > 0
+    assert value(metrics, "xtts_cache_misses_total", cache="latents") == 1
+    assert value(metrics, "xtts_cache_hits_total", cache="latents") == 3
+    assert value(metrics, "xtts_stage_duration_seconds_count", stage="conditioning") == 1
+    for stage in ("queue_wait", "generation", "encode", "upload"):  # once per completed job
+        assert value(metrics, "xtts_stage_duration_seconds_count", stage=stage) == 3, stage
+    audio_s = sum(len(t.replace("|", "")) * SAMPLES_PER_CHAR / FakeEngine.sample_rate for t in texts)
+    assert value(metrics, "xtts_audio_generated_seconds_total") == pytest.approx(audio_s)
+    assert value(metrics, "xtts_real_time_factor_ratio_count") == 3
 
 
 def test_misspelled_labels_are_refused(metrics):
