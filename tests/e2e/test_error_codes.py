@@ -297,3 +297,53 @@ async def test_every_code_reads_from_the_error_string_through_the_local_test_api
         assert "output" not in answer, answer  # the local API keeps nothing but the string
         rows.append((case, check(case, answer["error"])))
     print_table("local test API (/runsync)", rows)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_silent_and_quiet_references_fail_invalid_audio_with_their_level_while_good_jobs_flow(
+    workers: Workers, gcs_bucket: GcsEmulator, tmp_path_factory: pytest.TempPathFactory,
+):  # fmt: skip
+    """Issue #16: an all-zero reference and one peaking below REF_MIN_LEVEL_DBFS (-50 dBFS by default) fail
+    `invalid_audio` with the measured level in the message, through the real loop; no speaker latents are kept
+    for them; good jobs sent between them complete."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    def wav(samples: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        sf.write(buffer, samples.astype(np.float32), 22050, format="WAV", subtype="FLOAT")
+        return buffer.getvalue()
+
+    t = np.arange(3 * 22050) / 22050
+    gcs_bucket.put_object(BUCKET, "referencias/mudo.wav", wav(np.zeros_like(t)), "audio/wav")
+    quiet = 10 ** (-60 / 20) * np.sin(2 * np.pi * 150 * t)  # peak -60 dBFS: 10 dB under the floor
+    gcs_bucket.put_object(BUCKET, "referencias/baixo.wav", wav(quiet), "audio/wav")
+    fake, worker = workers.fake, workers.loop_worker
+    before = await worker.metrics()
+
+    def job(ref: str, voice_id: str, seed: int) -> dict:
+        return {"gen_text": "Olá.", "ref_audio_url": f"gs://{BUCKET}/{ref}", "voice_id": voice_id,
+                "language": "pt", "seed": seed}  # fmt: skip
+
+    good = VOICES[0]
+    ids = [fake.enqueue(job(good.object_name, "bom_1", 1)), fake.enqueue(job("referencias/mudo.wav", "mudo", 2)),
+           fake.enqueue(job(good.object_name, "bom_2", 3)), fake.enqueue(job("referencias/baixo.wav", "baixo", 4)),
+           fake.enqueue(job(good.object_name, "bom_3", 5))]  # fmt: skip
+    jobs = await fake.wait_done(ids, timeout_s=RUN_TIMEOUT_S)
+    good_ids, silent_id, quiet_id = (ids[0], ids[2], ids[4]), ids[1], ids[3]
+    assert all(jobs[i].state == "COMPLETED" for i in good_ids), [jobs[i].result for i in good_ids]
+    for job_id, level in ((silent_id, "peak -inf dBFS"), (quiet_id, "peak -60.0 dBFS")):
+        result = jobs[job_id].result
+        assert jobs[job_id].state == FAILED, result
+        code, retryable, text = parse_error(result["error"])
+        assert (code, retryable) == ("invalid_audio", False), result
+        assert level in text and "at least -50 dBFS is needed" in text, text
+    delta = (await worker.metrics()).minus(before)
+    # Conditioning ran exactly for the good jobs that report a latent-cache miss (the good voice once at most)
+    # and never for the refused references: no latents are computed or kept for them.
+    computed = sum(not jobs[i].output["latent_cache_hit"] for i in good_ids)
+    assert computed <= 1
+    assert delta.total("xtts_stage_duration_seconds_count", stage="conditioning") == computed
+    assert delta.total("xtts_cache_misses_total", cache="latents") == computed
