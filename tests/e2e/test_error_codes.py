@@ -77,6 +77,7 @@ class RefServer:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.signed_requests: list[tuple[str | None, str | None]] = []  # (signature, Range) of signed.wav GETs
         self.port = 0
         self.closed_port = free_port()  # nothing listens there
         self._runner: web.AppRunner | None = None
@@ -96,6 +97,11 @@ class RefServer:
             return web.Response(status=400, text="bad request")
         if name == "huge.wav":
             return web.Response(body=b"\0" * (MAX_REF_BYTES + 500_000), content_type="audio/wav")
+        if name == "signed.wav":  # stands in for GCS's V4 signature check: only the valid signature reads
+            self.signed_requests.append((request.query.get("X-Goog-Signature"), request.headers.get("Range")))
+            if request.query.get("X-Goog-Signature") != "valid":
+                return web.Response(status=403, text="SignatureDoesNotMatch")
+            return web.Response(body=VOICES[0].wav_bytes(), content_type="audio/wav")
         if name == "stall.wav":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.release.wait(), 120)
@@ -347,3 +353,30 @@ async def test_silent_and_quiet_references_fail_invalid_audio_with_their_level_w
     assert computed <= 1
     assert delta.total("xtts_stage_duration_seconds_count", stage="conditioning") == computed
     assert delta.total("xtts_cache_misses_total", cache="latents") == computed
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_forged_signature_is_refused_after_a_valid_one_cached_the_reference(workers: Workers):
+    """Issue #17: the reference cache keys on the object, not the URL; a hit for an https reference must prove
+    that this caller's URL grants access. A forged signature for the object a valid one downloaded is refused
+    (`ref_audio_forbidden`), not served from the cache; a re-signed valid URL is a hit after one ranged GET."""
+    fake, refs = workers.fake, workers.refs
+    url = refs.url("signed.wav")
+
+    def job(signature: str, seed: int) -> dict:
+        return {"gen_text": "Olá.", "ref_audio_url": f"{url}?X-Goog-Expires=600&X-Goog-Signature={signature}",
+                "voice_id": "assinada", "language": "pt", "seed": seed}  # fmt: skip
+
+    first = await fake.wait_done([fake.enqueue(job("valid", 1))], timeout_s=RUN_TIMEOUT_S)
+    (valid,) = first.values()
+    assert valid.state == "COMPLETED" and valid.output["reference_cache_hit"] is False, valid.result
+    forged_id = fake.enqueue(job("forged", 2))
+    forged = (await fake.wait_done([forged_id], timeout_s=RUN_TIMEOUT_S))[forged_id]
+    assert forged.state == FAILED, forged.result
+    code, retryable, text = parse_error(forged.result["error"])
+    assert (code, retryable) == ("ref_audio_forbidden", False) and "forged" not in text, forged.result
+    again_id = fake.enqueue(job("valid", 3))
+    again = (await fake.wait_done([again_id], timeout_s=RUN_TIMEOUT_S))[again_id]
+    assert again.state == "COMPLETED" and again.output["reference_cache_hit"] is True, again.result
+    # One full download, then one 1-byte ranged GET per cache hit, each with that caller's own signature.
+    assert refs.signed_requests == [("valid", None), ("forged", "bytes=0-0"), ("valid", "bytes=0-0")]
