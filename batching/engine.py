@@ -136,6 +136,7 @@ def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
 
 
 class XttsEngine:
+    supports_steps = True  # admit/step/evict/vocode: the scheduler may run it continuously
     fold_weight_norm = True  # see _remove_weight_norm; StockEngine keeps stock XTTS's vocoder as it is
     last_vocoder_s: float | None = None  # seconds the last generate() spent in the vocoder (metrics)
 
@@ -174,6 +175,10 @@ class XttsEngine:
         if self.fold_weight_norm:
             _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
         self._running = RunningBatch(self)
+        # The most KV positions one row can hold: conditioning latents, start + text (< max) + stop, audio.
+        perceiver = getattr(gpt, "conditioning_perceiver", None)
+        cond_len = int(perceiver.latents.shape[0]) if perceiver is not None else 32
+        self.max_row_positions = cond_len + self.max_text_tokens + 1 + self.max_gen_tokens
 
     @classmethod
     def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto"):

@@ -22,6 +22,7 @@ from batching.engine import Segment, SegmentAudio, XttsEngine, _seed, _to_numpy,
 
 
 class StockEngine(XttsEngine):
+    supports_steps = False  # whole rows, one at a time: static scheduling only
     fold_weight_norm = False  # stock XTTS vocodes with HiFi-GAN's weight-norm parametrizations in place
 
     def __init__(self, *args, **kwargs):
