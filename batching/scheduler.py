@@ -482,7 +482,6 @@ class Scheduler:
             out = tick.step
             rows = len(out.keys)
             self.observer.batch_done(rows, tick.step_s, rows)
-            self.observer.step_done(rows, tick.step_s, tick.kv_positions, self._kv_cap)
             for request in {row.request for row in out.keys}:
                 request.engine_s += tick.step_s
             for row in out.keys:
@@ -494,6 +493,7 @@ class Scheduler:
                     self._finished[row] = (f, next(self._finish_order), 0, False)
                 else:
                     self._row_peak.pop(row, None)
+            self.observer.step_done(len(self._running), tick.step_s, tick.kv_positions, self._kv_cap)
         if tick.step_error is not None:
             self._step_failed(tick.step_error, list(self._running))
         if vocode:
