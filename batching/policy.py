@@ -4,8 +4,9 @@ No awaits, no torch, no clock reads, no metrics: the scheduler passes everything
 
 `next_admission` (SCHEDULING=continuous, the default) is asked at every decoding step boundary:
 1. Nothing waits: idle.
-2. Nothing runs, fewer than `max_rows` wait and the oldest has waited less than `batch_wait_s`: wait for company
-   (a batch that starts together shares its prefill). While rows run, arrivals join at the next step: no wait.
+2. Nothing runs, every waiting segment fits with room for more and the oldest has waited less than
+   `batch_wait_s`: wait for company (a batch that starts together shares its prefill). While rows run, arrivals
+   join at the next step: no wait.
 3. Otherwise waiting segments join oldest first (strictly: a segment that does not fit holds the younger ones
    back, so a long segment is never starved by short ones) while the batch stays within both budgets:
    - rows: at most `max_rows` running;
@@ -17,7 +18,7 @@ No awaits, no torch, no clock reads, no metrics: the scheduler passes everything
    and a row's cost does not depend on its neighbours' voices.
 
 `next_vocode` picks which finished row the vocoder takes next: the shortest first, so a short job is never held
-behind long rows that finished just before it, unless a row has been passed over `max_passes` times.
+behind long rows that finished just before it, unless a row has been overtaken `max_passes` times already.
 
 `next_batch` (SCHEDULING=static) forms whole batches that run to completion. Rules, in order:
 1. Nothing waits: idle.
@@ -105,8 +106,6 @@ def next_admission(
     if not waiting:
         return Idle()
     ordered = sorted(waiting, key=lambda w: (w.enqueued_at, w.order))
-    if running_rows == 0 and len(waiting) < max_rows and now - ordered[0].enqueued_at < batch_wait_s:
-        return WaitUntil(ordered[0].enqueued_at + batch_wait_s)
     chosen = []
     rows, span = running_rows, running_span
     for w in ordered:
@@ -117,6 +116,11 @@ def next_admission(
             break
         chosen.append(w.key)
         rows, span = rows + 1, wider
+    # An idle engine waits for company while there is room for it (a batch that starts together shares its
+    # prefill); while rows run, arrivals join at once.
+    room = len(chosen) == len(ordered) and rows < max_rows
+    if running_rows == 0 and room and now - ordered[0].enqueued_at < batch_wait_s:
+        return WaitUntil(ordered[0].enqueued_at + batch_wait_s)
     return Batch(tuple(chosen))
 
 
@@ -127,7 +131,7 @@ class Finished:
     key: object
     length: int  # audio tokens: the vocoder's cost grows with it
     order: int  # finishing order
-    passed: int  # times another row was vocoded before it
+    passed: int  # times a row that finished after it was vocoded before it
 
 
 def next_vocode(pending: Sequence[Finished], *, max_passes: int = 4) -> object | None:

@@ -423,9 +423,12 @@ class Scheduler:
                     row.request.first_batch_at = now
             if admit:
                 self.observer.rows_admitted(len(admit))
-            vocode = {row: self._finished.pop(row)[0] for row in self._pick_vocode()}
+            picked = self._pick_vocode()
+            newest = max((self._finished[row][1] for row in picked), default=-1)
+            vocode = {row: self._finished.pop(row)[0] for row in picked}
             for row, (f, order, passed, solo) in list(self._finished.items()):
-                self._finished[row] = (f, order, passed + 1, solo)
+                if order < newest:  # overtaken by a row that finished after it
+                    self._finished[row] = (f, order, passed + 1, solo)
             self._busy = True
             try:
                 tick = await self.run_on_engine(self._tick, gone, admit, list(vocode.values()))

@@ -24,6 +24,10 @@ def test_an_idle_engine_waits_for_company_but_a_running_batch_takes_arrivals_at_
     assert admission([r(1, at=0.99)], now=1.0, rows=2, span=100) == Batch((1,))
 
 
+def test_an_idle_engine_does_not_wait_for_company_that_would_not_fit():
+    assert admission([r(1, 600, 0.99), r(2, 600, 0.99)], now=1.0, positions=1000) == Batch((1,))
+
+
 def test_admission_is_oldest_first_within_the_row_budget():
     waiting = [r(3, at=0.3), r(1, at=0.1), r(2, at=0.2), r(4, at=0.4)]
     assert admission(waiting, rows=2, span=100, max_rows=4) == Batch((1, 2))
