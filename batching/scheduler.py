@@ -307,6 +307,7 @@ class Scheduler:
     async def _run_rows(self, rows: list[_Row]) -> None:
         """Run rows as one batch; on failure, split in halves and retry each, so only failing rows fail."""
         started = self.clock()
+        self.observer.rows_admitted(len(rows))
         for row in rows:
             if row.request.first_batch_at is None:
                 row.request.first_batch_at = started

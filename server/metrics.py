@@ -10,9 +10,10 @@ Names carry their unit; labels are small closed sets:
     xtts_batch_size_rows                             histogram  rows in each GPU batch (continuous scheduling:
                                                                 rows in each decoding step)
     xtts_running_rows                                gauge      continuous: rows in the running batch
-    xtts_admissions_total                            counter    continuous: rows admitted into the running batch
+    xtts_admitted_rows_total                         counter    rows admitted into the engine (continuous: into
+                                                                the running batch; a retried row counts again)
     xtts_step_duration_seconds                       histogram  continuous: one decoding step of the whole batch
-    xtts_kv_positions{kind}                          gauge      continuous: KV-cache positions, kind: in_use |
+    xtts_kv_cache_positions{kind}                    gauge      continuous: KV-cache positions, kind: in_use |
                                                                 budget (MAX_BATCH_TOKENS, shrunk after an OOM)
     xtts_queue_depth_requests                        gauge      requests waiting for the GPU
     xtts_jobs_in_flight                              gauge      jobs inside the handler now
@@ -76,14 +77,14 @@ class Metrics:
         )
         self.running_rows = Gauge("xtts_running_rows", "Rows in the running batch.", registry=registry)
         self.admissions = Counter(
-            "xtts_admissions_total", "Rows admitted into the running batch.", registry=registry
+            "xtts_admitted_rows_total", "Rows admitted into the engine.", registry=registry
         )
         self.step_duration = Histogram(
             "xtts_step_duration_seconds", "One decoding step of the running batch.", buckets=_STEP_BUCKETS,
             registry=registry,
         )  # fmt: skip
         self.kv_positions = Gauge(
-            "xtts_kv_positions", "KV-cache positions held by the running batch, and its budget.", ["kind"],
+            "xtts_kv_cache_positions", "KV-cache positions held by the running batch, and its budget.", ["kind"],
             registry=registry,
         )  # fmt: skip
         self.queue_depth = Gauge(

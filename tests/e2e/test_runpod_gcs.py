@@ -190,8 +190,8 @@ async def test_mixed_load_with_the_seed_payloads_completes_batched_and_downloada
     # of this module already used), every other job a latent-cache hit.
     assert delta.latent_hits + delta.latent_misses == len(inputs)
     assert delta.latent_misses <= len(VOICES)
-    assert delta.batch_rows == len(inputs)  # every job here is one segment
-    assert delta.batches < len(inputs)
+    assert delta.rows_admitted == len(inputs)  # every job here is one segment
+    assert delta.batch_rows > delta.batches  # rows shared batches (continuous: decoding steps)
     assert max(out["batch_size"] for out in outputs) > 1
 
     hit_rate = delta.latent_hits / (delta.latent_hits + delta.latent_misses)
@@ -406,9 +406,10 @@ async def test_a_job_cancelled_while_queued_never_runs_and_the_worker_goes_on(
     target = fake_runpod.enqueue(
         {"gen_text": LONG_TEXT, "ref_audio_url": ANA.url, "voice_id": ANA.voice_id, "language": "pt"}
     )
-    # Queued behind the engine, not merely waiting BATCH_WAIT_MS for company: the blocking rows are not all done.
+    # Queued behind the engine, not merely waiting BATCH_WAIT_MS for company: the blocking rows hold every row
+    # slot, and no row besides them has reached the engine.
     def blockers_generated(m: MetricsSnapshot) -> bool:
-        return m.minus(before).batch_rows >= len(BLOCKER_TEXTS)
+        return m.minus(before).rows_admitted > len(BLOCKER_TEXTS)
 
     queued = await wait_for_metrics(
         gcs_worker, lambda m: m.queue_depth >= segments and not blockers_generated(m),
@@ -442,9 +443,9 @@ async def test_a_job_cancelled_while_queued_never_runs_and_the_worker_goes_on(
     delta = (await gcs_worker.metrics()).minus(before)
     job = fake_runpod.jobs[target]
     assert job.state == CANCELLED and job.result is None and job.late_results == [] and job.result_posts == 0
-    assert delta.batch_rows == len(BLOCKER_TEXTS) + len(follow_ups), delta.batch_size_counts()
+    assert delta.rows_admitted == len(BLOCKER_TEXTS) + len(follow_ups), delta.batch_size_counts()
     assert delta.jobs("cancelled") == 1 and delta.jobs("completed") == len(BLOCKER_TEXTS) + len(follow_ups)
     assert f"[{target}] job stopped by RunPod" in gcs_worker.log_text()
     print(f"\ncancel: long job of {segments} segments queued (queue depth {queued.queue_depth:g}) behind a batch "
           f"of {len(BLOCKER_TEXTS)}, cancelled; queue depth after the stop {stopped.queue_depth:g}; rows generated "
-          f"since: {delta.batch_rows:g} (= {len(BLOCKER_TEXTS)} blockers + {len(follow_ups)} follow-ups)")  # fmt: skip
+          f"since: {delta.rows_admitted:g} (= {len(BLOCKER_TEXTS)} blockers + {len(follow_ups)} follow-ups)")  # fmt: skip
