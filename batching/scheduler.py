@@ -388,6 +388,14 @@ class Scheduler:
     # ---------------------------------------------------------------- the continuous loop
 
     async def _run_continuous(self) -> None:
+        try:
+            await self._continuous_loop()
+        except Exception as exc:  # a bug here must not leave every job waiting forever: fail them, then exit
+            log.exception("the scheduler loop failed")
+            self._fatal(FatalEngineError(f"the scheduler failed: {type(exc).__name__}: {exc}"),
+                        list(self._waiting))  # fmt: skip
+
+    async def _continuous_loop(self) -> None:
         while True:
             self._expire()
             gone = [r for r in self._running if r.request.finished]
@@ -476,6 +484,8 @@ class Scheduler:
                 t0 = time.perf_counter()
                 tick.wavs = engine.vocode(vocode)
                 tick.vocode_s = time.perf_counter() - t0
+                if len(tick.wavs) != len(vocode):
+                    raise BatchError(f"engine returned {len(tick.wavs)} waveforms for {len(vocode)} rows")
             except Exception as exc:
                 tick.vocode_error = exc
         tick.kv_positions = engine.kv_positions
@@ -505,8 +515,6 @@ class Scheduler:
                 self._vocode_failed(tick.vocode_error, vocode)
             else:
                 self.observer.vocoder_done(tick.vocode_s)
-                if len(tick.wavs) != len(vocode):
-                    raise BatchError(f"engine returned {len(tick.wavs)} waveforms for {len(vocode)} rows")
                 for (row, f), wav in zip(vocode.items(), tick.wavs, strict=True):
                     row.request.engine_s += tick.vocode_s / len(vocode)
                     self._deliver(row, SegmentAudio(f.codes, wav), 0.0, self._row_peak.pop(row, 1))
