@@ -1,16 +1,23 @@
-"""The XTTS engine: one coqui-tts `Xtts` model on one device, driven row by row in batches.
+"""The XTTS engine: one coqui-tts `Xtts` model on one device, driven one decoding step at a time.
 
 Stock `Xtts.inference` decodes one sentence of one request at a time and then runs a second full GPT pass to
 get the vocoder latents. This engine runs the same modules with the same weights, but:
 
-- decodes a batch of segments of different lengths at once. XTTS's GPT-2 core has no position embedding of
-  its own (text and audio positions are learned embeddings added outside), so left-padding the prefixes and
-  masking the pads gives each row exactly the computation it would get alone;
+- keeps a running batch (batching.running) that rows join and leave between any two decoding steps:
+  `admit(keys, segments)` prefills new rows and merges them into the KV cache, `step()` gives every running row
+  one audio token and hands back the rows that finished, `evict(keys)` drops rows, `vocode(rows)` turns finished
+  rows into audio. `generate(segments)` is the run-to-completion loop on top (tests, static scheduling, bench);
+- XTTS's GPT-2 core has no position embedding of its own (text and audio positions are learned embeddings added
+  outside, per row), so left-padding and masking give each row exactly the computation it would get alone,
+  whenever it joins;
 - samples every row with its own parameters and its own random stream, so a seeded row's audio does not depend
-  on what it was batched with;
+  on what it was batched with or when it joined;
 - takes the vocoder latents from the decoding pass itself: the latent stock XTTS recomputes for audio token t
-  is the final-norm hidden state that predicted token t, which decoding already computed;
-- drops finished rows from the KV cache, so short rows stop costing compute.
+  is the final-norm hidden state that predicted token t, which decoding already computed.
+
+Row lengths come from the sampling parameters (`min_new_tokens`, `max_new_tokens`) or from a length rule set at
+load (demo checkpoints, whose random GPT never predicts its stop token, end each row by length): the decoding
+loop itself has no special case.
 
 Only one thread may call an engine (the scheduler's engine thread): it owns the model.
 """
@@ -18,7 +25,6 @@ Only one thread may call an engine (the scheduler's engine thread): it owns the 
 from __future__ import annotations
 
 import math
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 
 from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextError
 from batching.languages import CHAR_LIMITS, normalize_language
+from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
 from batching.text import split_text
 
 # Fade applied on both sides of each join between two segments of one request, so that the step between the
@@ -47,6 +54,22 @@ class SamplingParams:
     speed: float = 1.0
     seed: int | None = None
     do_sample: bool = True
+    # Row length limits in audio tokens. The stop token cannot come before min_new_tokens; a row ends after
+    # max_new_tokens (None: the model's maximum, or the engine's length rule when neither is set).
+    min_new_tokens: int = 0
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """Rows of exactly `tokens_per_char` audio tokens per character of text (at least 4): how a demo checkpoint,
+    whose random GPT never predicts its stop token, gives batches realistic mixed lengths."""
+
+    tokens_per_char: float
+
+    def __call__(self, n_chars: int, max_tokens: int) -> tuple[int, int]:
+        n = max(4, min(max_tokens, round(self.tokens_per_char * n_chars)))
+        return n, n
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,16 +136,18 @@ def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
 
 
 class XttsEngine:
+    supports_steps = True  # admit/step/evict/vocode: the scheduler may run it continuously
     fold_weight_norm = True  # see _remove_weight_norm; StockEngine keeps stock XTTS's vocoder as it is
     last_vocoder_s: float | None = None  # seconds the last generate() spent in the vocoder (metrics)
 
     def __init__(
-        self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto"
+        self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto",
+        length_rule: LengthRule | None = None,
     ):
         self.model = model
         self.device = torch.device(device)
-        self.demo = demo
-        self.demo_tokens_per_char = float(demo["tokens_per_char"]) if demo else None
+        self.demo = demo  # the demo marker, for logs and metrics only: decoding never looks at it
+        self.length_rule = length_rule
         # Autocast for the GPT decode (fp16 on CUDA by default); None keeps float32 (CPU, equivalence tests).
         self.gpt_dtype = gpt_dtype
         args = model.args
@@ -149,6 +174,11 @@ class XttsEngine:
         self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
         if self.fold_weight_norm:
             _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
+        self._running = RunningBatch(self)
+        # The most KV positions one row can hold: conditioning latents, start + text (< max) + stop, audio.
+        perceiver = getattr(gpt, "conditioning_perceiver", None)
+        cond_len = int(perceiver.latents.shape[0]) if perceiver is not None else 32
+        self.max_row_positions = cond_len + self.max_text_tokens + 1 + self.max_gen_tokens
 
     @classmethod
     def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto"):
@@ -156,7 +186,8 @@ class XttsEngine:
 
         loaded = loading.load(model_dir, model=model, device=device)
         dtype = _autocast_dtype(gpt_dtype, loaded.device)
-        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=dtype, vocoder=vocoder)
+        rule = LengthRule(float(loaded.demo["tokens_per_char"])) if loaded.demo else None
+        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=dtype, vocoder=vocoder, length_rule=rule)
 
     # ---------------------------------------------------------------- text
 
@@ -225,9 +256,9 @@ class XttsEngine:
     # ---------------------------------------------------------------- generation
 
     def demo_length(self, n_chars: int) -> int:
-        """Audio tokens a demo model generates for a segment of `n_chars` characters."""
-        assert self.demo_tokens_per_char is not None
-        return max(4, min(self.max_gen_tokens, round(self.demo_tokens_per_char * n_chars)))
+        """Audio tokens the length rule (a demo checkpoint's) gives a segment of `n_chars` characters."""
+        assert self.length_rule is not None
+        return self.length_rule(n_chars, self.max_gen_tokens)[1]
 
     def synthesize(self, text: str, language: str, voice: VoiceLatents, params: SamplingParams) -> Synthesis:
         """The single-request path: split, decode all segments of the text as one batch, join."""
@@ -237,16 +268,88 @@ class XttsEngine:
 
     @torch.inference_mode()
     def generate(self, segments: Sequence[Segment]) -> list[SegmentAudio]:
-        """Decode, then vocode, a batch of segments; one SegmentAudio per segment, in order."""
+        """Decode, then vocode, a batch of segments; one SegmentAudio per segment, in order.
+
+        A thin loop over the step-level calls (admit, step until every row is done, vocode), for tests, the
+        static scheduler and the engine benchmark. The running batch must be empty: generate uses it."""
         if not segments:
             return []
-        codes, latents = self._decode(segments)
+        if len(self._running):
+            raise RuntimeError("generate() needs an idle engine: rows are running")
+        keys = list(range(len(segments)))
+        done: dict[int, FinishedRow] = {}
+        try:
+            self.admit(keys, segments)
+            while len(self._running):
+                for row in self.step().finished:
+                    done[row.key] = row
+        except BaseException:
+            self.reset()
+            raise
+        rows = [done[k] for k in keys]
+        wavs = self.vocode(rows)
+        return [SegmentAudio(r.codes, w) for r, w in zip(rows, wavs, strict=True)]
+
+    # ---------------------------------------------------------------- the step-level calls (engine thread only)
+
+    def row_limits(self, segment: Segment) -> tuple[int, int]:
+        """(min, max) audio tokens for a row: its parameters' limits, else the length rule set at load, else
+        (0, the model's maximum)."""
+        p = segment.params
+        if p.max_new_tokens is not None or p.min_new_tokens:
+            hi = min(self.max_gen_tokens, p.max_new_tokens or self.max_gen_tokens)
+            return min(max(0, p.min_new_tokens), hi), max(1, hi)
+        if self.length_rule is not None:
+            return self.length_rule(segment.n_chars, self.max_gen_tokens)
+        return 0, self.max_gen_tokens
+
+    def reserve_positions(self, segment: Segment) -> int:
+        """KV positions a row can come to hold (its prefix and its longest audio), for admission budgets."""
+        cond = int(segment.voice.gpt_cond_latent.shape[1])
+        return cond + len(segment.tokens) + 2 + self.row_limits(segment)[1]
+
+    @torch.inference_mode()
+    def admit(self, keys: Sequence, segments: Sequence[Segment]) -> None:
+        """Prefill the new rows' prefixes and merge them into the running batch (keys: any hashable, unique)."""
+        self._running.admit(keys, segments)
+
+    @torch.inference_mode()
+    def step(self) -> StepOutput:
+        """One audio token for every running row; rows that finished leave the batch and are returned."""
+        return self._running.step()
+
+    def evict(self, keys) -> list:
+        """Drop running rows (cancelled, past their deadline) and compact the cache; returns the keys dropped."""
+        return self._running.evict(keys)
+
+    def reset(self) -> None:
+        """Drop every running row (after a failed step)."""
+        self._running.reset()
+
+    @property
+    def running(self) -> tuple:
+        return tuple(self._running.keys)
+
+    @property
+    def kv_shape(self) -> tuple[int, ...] | None:
+        return self._running.kv_shape
+
+    @property
+    def kv_positions(self) -> int:
+        return self._running.kv_positions
+
+    @torch.inference_mode()
+    def vocode(self, rows: Sequence[FinishedRow]) -> list[np.ndarray]:
+        """Waveforms of finished rows (HiFi-GAN on their latents), in order."""
+        if not rows:
+            return []
         started = time.perf_counter()
-        wavs = self._vocode(latents, [s.voice.speaker_embedding for s in segments], [s.params.speed for s in segments])
+        wavs = self._vocode([r.latents for r in rows], [r.segment.voice.speaker_embedding for r in rows],
+                            [r.segment.params.speed for r in rows])  # fmt: skip
         self.last_vocoder_s = time.perf_counter() - started
         if self.device.type == "cpu":
             _trim_heap()
-        return [SegmentAudio(c, w) for c, w in zip(codes, wavs, strict=True)]
+        return wavs
 
     def _prefix(self, segment: Segment) -> torch.Tensor:
         """[P, width]: conditioning latents, then start + text + stop token embeddings with their positions."""
@@ -254,92 +357,6 @@ class XttsEngine:
         ids = torch.tensor([gpt.start_text_token, *segment.tokens, gpt.stop_text_token], device=self.device)
         text = gpt.text_embedding(ids) + gpt.text_pos_embedding.emb.weight[: len(ids)]
         return torch.cat([segment.voice.gpt_cond_latent[0].to(self.device, text.dtype), text], dim=0)
-
-    def _decode(self, segments: Sequence[Segment]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
-        from transformers import DynamicCache
-
-        gpt = self.model.gpt
-        dev = self.device
-        b = len(segments)
-        prefixes = [self._prefix(s) for s in segments]
-        width = prefixes[0].shape[1]
-        p_max = max(p.shape[0] for p in prefixes)
-
-        # Left-padded prefixes, then the start audio token at audio position 0.
-        start = gpt.mel_embedding.weight[self.start_audio] + gpt.mel_pos_embedding.emb.weight[0]
-        x = torch.zeros(b, p_max + 1, width, device=dev)
-        mask = torch.zeros(b, p_max + 1, dtype=torch.long, device=dev)
-        for i, p in enumerate(prefixes):
-            x[i, p_max - p.shape[0] : p_max] = p
-            mask[i, p_max - p.shape[0] :] = 1
-        x[:, p_max] = start
-
-        # Per-row limits and sampling parameters.
-        if self.demo_tokens_per_char is not None:
-            limit = [self.demo_length(s.n_chars) for s in segments]
-        else:
-            limit = [self.max_gen_tokens] * b
-        steps = max(limit)
-        params = [s.params for s in segments]
-        temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=dev)[:, None]
-        top_k = torch.tensor([min(max(p.top_k, 1), self.n_audio) for p in params], device=dev)[:, None]
-        top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
-        sample = torch.tensor([p.do_sample for p in params], device=dev)
-        # Each row's own uniform stream: the same seed gives the same draws whatever the batch.
-        uniforms = torch.stack(
-            [
-                torch.rand(steps, generator=torch.Generator().manual_seed(_seed(p.seed)), dtype=torch.float64)
-                for p in params
-            ]
-        ).to(dev)
-        # Stock XTTS's input_ids hold its dummy prefix ids (1) and the start token, which the repetition
-        # penalty sees too: keep that, so greedy output is identical.
-        seen = torch.zeros(b, self.n_audio, dtype=torch.bool, device=dev)
-        seen[:, 1] = True
-        seen[:, self.start_audio] = True
-        limit_t = torch.tensor(limit, device=dev)
-
-        codes = torch.full((b, steps), self.stop_audio, dtype=torch.long, device=dev)
-        hidden = torch.zeros(b, steps, width, device=dev)
-        length = torch.zeros(b, dtype=torch.long, device=dev)
-        rows = torch.arange(b, device=dev)  # the original index of each still-active row
-        cache = DynamicCache(config=gpt.gpt.config)
-
-        with self._autocast():
-            for t in range(steps):
-                out = gpt.gpt(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True)
-                h = gpt.final_norm(out.last_hidden_state[:, -1]).float()
-                logits = gpt.mel_head(h).float()
-                hidden[rows, t] = h
-
-                a_seen = seen[rows]
-                pen = penalty[rows]
-                logits = torch.where(a_seen, torch.where(logits < 0, logits * pen, logits / pen), logits)
-                if self.demo_tokens_per_char is not None:
-                    logits[:, self.stop_audio] = -math.inf  # a demo row ends by length, never by a token
-                tok_greedy = logits.argmax(-1)
-                tok_sampled = _sample(logits, temperature[rows], top_k[rows], top_p[rows], uniforms[rows, t])
-                tok = torch.where(sample[rows], tok_sampled, tok_greedy)
-
-                codes[rows, t] = tok
-                length[rows] = t + 1
-                seen[rows, tok] = True
-                done = (tok == self.stop_audio) | (length[rows] >= limit_t[rows])
-                if bool(done.all()):
-                    break
-                if bool(done.any()):
-                    keep = (~done).nonzero().squeeze(1)
-                    cache.batch_select_indices(keep)
-                    rows, tok, mask = rows[keep], tok[keep], mask[keep]
-                emb = gpt.mel_embedding(tok) + gpt.mel_pos_embedding.emb.weight[t + 1]
-                x = emb[:, None, :]
-                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=dev)], dim=1)
-
-        lengths = length.tolist()
-        out_codes = [codes[i, :n].cpu().numpy() for i, n in enumerate(lengths)]
-        out_latents = [hidden[i, :n] for i, n in enumerate(lengths)]
-        return out_codes, out_latents
 
     def _vocode(self, latents: list[torch.Tensor], speakers: list[torch.Tensor], speeds: list[float]) -> list[np.ndarray]:
         rows = []
@@ -410,25 +427,7 @@ def _remove_weight_norm(module: torch.nn.Module) -> None:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
 
 
-def _seed(seed: int | None) -> int:
-    return secrets.randbits(63) if seed is None else int(seed) & ((1 << 63) - 1)
-
-
-def _sample(logits, temperature, top_k, top_p, u) -> torch.Tensor:
-    """Per-row temperature, top-k, top-p (in Hugging Face's order and rules), then inverse-CDF sampling."""
-    scores = logits / temperature
-    desc, _ = scores.sort(dim=-1, descending=True)
-    kth = desc.gather(1, top_k - 1)
-    scores = scores.masked_fill(scores < kth, -math.inf)
-    asc, asc_idx = scores.sort(dim=-1)
-    cum = asc.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[:, -1] = False
-    scores = scores.masked_fill(remove.scatter(1, asc_idx, remove), -math.inf)
-    probs = scores.softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return idx.clamp_(max=logits.shape[1] - 1)
+_seed = row_seed  # stock.py
 
 
 def _autocast_dtype(name: str, device) -> torch.dtype | None:

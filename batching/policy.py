@@ -1,8 +1,26 @@
-"""The batch policy: which waiting segments run together next. A pure function of the queue and `now`.
+"""The batch policy: which waiting segments run next. Pure functions of the queue, the running batch and `now`.
 
 No awaits, no torch, no clock reads, no metrics: the scheduler passes everything in, tests build it by hand.
 
-Rules, in order:
+`next_admission` (SCHEDULING=continuous, the default) is asked at every decoding step boundary:
+1. Nothing waits: idle.
+2. Nothing runs, every waiting segment fits with room for more and the oldest has waited less than
+   `batch_wait_s`: wait for company (a batch that starts together shares its prefill). While rows run, arrivals
+   join at the next step: no wait.
+3. Otherwise waiting segments join oldest first (strictly: a segment that does not fit holds the younger ones
+   back, so a long segment is never starved by short ones) while the batch stays within both budgets:
+   - rows: at most `max_rows` running;
+   - KV positions: rows x the largest row reservation (prefix + longest audio the row may reach) stays within
+     `max_positions`. The running cache holds at most rows x max(prefix + tokens so far) positions, padding
+     included (batching.running compacts it as rows leave), so admission under this rule can never grow the
+     cache past the budget. A lone segment larger than the whole budget runs alone rather than never.
+   Same-voice grouping buys nothing here: every row carries its own latents (fetched once per voice at submit)
+   and a row's cost does not depend on its neighbours' voices.
+
+`next_vocode` picks which finished row the vocoder takes next: the shortest first, so a short job is never held
+behind long rows that finished just before it, unless a row has been overtaken `max_passes` times already.
+
+`next_batch` (SCHEDULING=static) forms whole batches that run to completion. Rules, in order:
 1. Nothing waits: idle.
 2. Fewer than `max_batch_size` rows wait and the oldest has waited less than `batch_wait_s`: wait for company,
    until the oldest's wait runs out (a new arrival wakes the scheduler earlier).
@@ -28,6 +46,7 @@ class Waiting:
     length: int  # expected decoding steps (text tokens are a good proxy)
     enqueued_at: float  # seconds, on the scheduler's clock
     order: int  # arrival order, to break ties deterministically
+    positions: int = 0  # KV positions the row may come to hold (continuous scheduling's budget)
 
 
 @dataclass(frozen=True)
@@ -66,3 +85,60 @@ def next_batch(waiting: Sequence[Waiting], now: float, *, max_batch_size: int, b
         others.sort(key=lambda w: (abs(w.length - target), w.enqueued_at, w.order))
         chosen += others[:spare]
     return Batch(tuple(w.key for w in chosen))
+
+
+def next_admission(
+    waiting: Sequence[Waiting],
+    now: float,
+    *,
+    running_rows: int,
+    running_span: int,
+    max_rows: int,
+    max_positions: int,
+    batch_wait_s: float,
+) -> Decision:
+    """Which waiting segments join the running batch at this step boundary. `running_span`: the largest
+    reservation (`Waiting.positions`) among the running rows. Batch(()) means nothing fits now: keep stepping."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be an integer >= 1, got {max_rows}")
+    if max_positions < 1:
+        raise ValueError(f"max_positions must be an integer >= 1, got {max_positions}")
+    if not waiting:
+        return Idle()
+    ordered = sorted(waiting, key=lambda w: (w.enqueued_at, w.order))
+    chosen = []
+    rows, span = running_rows, running_span
+    for w in ordered:
+        if rows >= max_rows:
+            break
+        wider = max(span, w.positions)
+        if (rows + 1) * wider > max_positions and rows > 0:
+            break
+        chosen.append(w.key)
+        rows, span = rows + 1, wider
+    # An idle engine waits for company while there is room for it (a batch that starts together shares its
+    # prefill); while rows run, arrivals join at once.
+    room = len(chosen) == len(ordered) and rows < max_rows
+    if running_rows == 0 and room and now - ordered[0].enqueued_at < batch_wait_s:
+        return WaitUntil(ordered[0].enqueued_at + batch_wait_s)
+    return Batch(tuple(chosen))
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the policy knows of one finished row waiting for the vocoder."""
+
+    key: object
+    length: int  # audio tokens: the vocoder's cost grows with it
+    order: int  # finishing order
+    passed: int  # times a row that finished after it was vocoded before it
+
+
+def next_vocode(pending: Sequence[Finished], *, max_passes: int = 4) -> object | None:
+    """The key of the finished row to vocode next, or None when none waits."""
+    if not pending:
+        return None
+    starved = [f for f in pending if f.passed >= max_passes]
+    if starved:
+        return min(starved, key=lambda f: f.order).key
+    return min(pending, key=lambda f: (f.length, f.order)).key

@@ -1,13 +1,30 @@
 """The GPU scheduler: one asyncio task owns the queue of waiting segments; one thread owns the model.
 
     handler ──submit(request)──▶ text split + voice latents (LatentCache) ──▶ waiting segments
-    scheduler task: policy.next_batch(waiting, now) ──▶ engine thread: engine.generate(rows)
-                    ──▶ each request's segments re-joined in order ──▶ its future resolves
+
+SCHEDULING=continuous (the default; an engine with the step-level calls):
+
+    scheduler task, at every step boundary:
+        rows whose request is gone (cancelled, failed, past its deadline) ──▶ evicted
+        policy.next_admission(waiting, running, budgets) ──▶ rows that join
+        policy.next_vocode(finished rows) ──▶ the one row the vocoder takes now
+    engine thread, one tick: engine.evict ──▶ engine.admit ──▶ engine.step ──▶ engine.vocode(that row)
+        ──▶ a request whose last segment is vocoded: segments re-joined in order, its future resolves
+
+    The vocoder interleaves with decoding steps on the engine thread (one finished row per step, the shortest
+    first), so a finished row waits for at most one step of the others, and a short job never waits behind long
+    rows' vocoding. Budgets: MAX_BATCH_SIZE rows and MAX_BATCH_TOKENS KV positions (see policy).
+
+SCHEDULING=static (and engines without the step-level calls): policy.next_batch forms a batch that runs to
+completion (engine.generate), then the next.
 
 - A request whose caller went away (its task cancelled) or whose deadline passed is dropped before its
   segments cost GPU time.
 - One bad row never fails the others: a failing batch is split in halves and each half retried, down to the
   row that fails; an out-of-memory batch is halved the same way. A row whose audio is not finite fails alone.
+  Continuous: a failing step restarts its rows from their prompts (same seeds, so the retry is deterministic) as
+  static batches split in halves; an out-of-memory step halves the row budget (and the KV budget to what was in
+  use) and re-admits its rows from their prompts, oldest first; the budgets come back when the batch drains.
 - A fatal device error (a CUDA error) fails every request in hand and calls `on_fatal`, which should make the
   worker exit so the platform replaces it.
 """
@@ -27,6 +44,7 @@ import torch
 
 from batching import policy
 from batching.engine import SamplingParams, Segment, SegmentAudio, TextSegment, VoiceLatents, join_segments
+from batching.running import StepOutput
 from batching.errors import BatchError, EngineError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
 
@@ -76,6 +94,9 @@ class Observer:
     def conditioning_done(self, seconds: float, hit: bool) -> None: ...
     def rows_failed(self, count: int, error: BaseException) -> None: ...
     def vocoder_done(self, seconds: float) -> None: ...
+    # Continuous scheduling: once per decoding step, and once per admission.
+    def step_done(self, rows: int, seconds: float, kv_positions: int, kv_budget: int) -> None: ...
+    def rows_admitted(self, count: int) -> None: ...
 
 
 class _Request:
@@ -119,11 +140,22 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         observer: Observer | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        scheduling: str = "continuous",
+        max_batch_tokens: int = 0,
     ):
         if max_batch_size < 1:
             raise ValueError(f"MAX_BATCH_SIZE must be an integer >= 1, got {max_batch_size}")
         if batch_wait_s < 0:
             raise ValueError(f"BATCH_WAIT_MS must be >= 0, got {batch_wait_s * 1000:g}")
+        if scheduling not in ("continuous", "static"):
+            raise ValueError(f"SCHEDULING must be continuous or static, got {scheduling!r}")
+        if max_batch_tokens < 0:
+            raise ValueError(f"MAX_BATCH_TOKENS must be an integer >= 0 (0: automatic), got {max_batch_tokens}")
+        # Continuous needs the step-level calls; the stock engine and test fakes run whole batches.
+        self.continuous = scheduling == "continuous" and bool(getattr(engine, "supports_steps", False))
+        if max_batch_tokens == 0 and self.continuous:
+            max_batch_tokens = max_batch_size * engine.max_row_positions
+        self.max_batch_tokens = max_batch_tokens
         self.engine = engine
         self.latents = latents
         self.max_batch_size = max_batch_size
@@ -138,12 +170,22 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self._closed = False
         self._busy = False
+        # Continuous state, owned by the scheduler task.
+        self._running: dict[_Row, int] = {}  # row -> its KV reservation
+        self._finished: dict[_Row, tuple] = {}  # row -> (FinishedRow, finishing order, times passed over)
+        self._finish_order = itertools.count()
+        self._row_cap = max_batch_size  # shrunk after an out-of-memory step, restored when the batch drains
+        self._kv_cap = max_batch_tokens
+        self._row_peak: dict[_Row, int] = {}  # the most rows a running row shared a step with
+        self._retry: list[_Row] = []
+        self._oom_rows: set[_Row] = set()  # rows re-queued after an out-of-memory step  # rows of a failed step, to run again as static batches split in halves
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="scheduler")
+            loop = self._run_continuous() if self.continuous else self._run()
+            self._task = asyncio.create_task(loop, name="scheduler")
 
     async def close(self) -> None:
         """Stop taking requests, fail those still waiting, stop the loop and the engine thread."""
@@ -158,6 +200,10 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
         self._thread.shutdown(wait=True)
+        for row in [*self._running, *self._finished]:
+            row.request.fail(SchedulerClosedError("the worker is shutting down; retry the job"))
+        self._running.clear()
+        self._finished.clear()
 
     def poke(self) -> None:
         """Make the loop look at the queue again now (tests that move the clock by hand call this)."""
@@ -169,7 +215,11 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._busy
+        return not self._waiting and not self._busy and not self._running and not self._finished
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._running)
 
     async def run_on_engine(self, fn, *args):
         """Run `fn(*args)` on the engine thread (the only thread that may touch the model)."""
@@ -192,7 +242,8 @@ class Scheduler:
         now = self.clock()
         for i, seg in enumerate(segments):
             row = _Row(request, i, next(self._order))
-            self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order)
+            positions = self.engine.reserve_positions(self._segment(row)) if self.continuous else 0
+            self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order, positions)
         self.observer.queue_depth(len(self._waiting))
         self._wake.set()
         try:
@@ -247,7 +298,7 @@ class Scheduler:
 
     def _expire(self) -> None:
         now = self.clock()
-        for request in {r.request for r in self._waiting}:
+        for request in {r.request for r in [*self._waiting, *self._running, *self._finished]}:
             deadline = request.req.deadline
             if deadline is not None and now >= deadline:
                 request.fail(JobTimeoutError(f"job timed out after waiting {now - request.submitted_at:.1f} s"))
@@ -256,11 +307,11 @@ class Scheduler:
     async def _run_rows(self, rows: list[_Row]) -> None:
         """Run rows as one batch; on failure, split in halves and retry each, so only failing rows fail."""
         started = self.clock()
+        self.observer.rows_admitted(len(rows))
         for row in rows:
             if row.request.first_batch_at is None:
                 row.request.first_batch_at = started
-        segments = [Segment(r.request.texts[r.index].tokens, len(r.request.texts[r.index].text), r.request.voice,
-                            r.request.req.params) for r in rows]  # fmt: skip
+        segments = [self._segment(r) for r in rows]
         t0 = time.perf_counter()
         try:
             audio = await self.run_on_engine(self.engine.generate, segments)
@@ -289,24 +340,33 @@ class Scheduler:
         if vocoder_s is not None:
             self.observer.vocoder_done(vocoder_s)
         for row, result in zip(rows, audio, strict=True):
-            request = row.request
-            if request.finished:
-                continue
-            if not np.isfinite(result.wav).all():
-                self.observer.rows_failed(1, BatchError("non-finite audio"))
-                request.fail(BatchError("generation produced non-finite audio (NaN or inf) for this segment"))
-                continue
-            request.engine_s += elapsed
-            request.batch_sizes.append(len(rows))
-            request.audio[row.index] = result
-            done = sum(a is not None for a in request.audio)
-            if request.req.on_progress:
-                try:
-                    request.req.on_progress(done, len(request.audio))
-                except Exception:  # a progress hook must never fail the job
-                    log.exception("progress callback failed")
-            if done == len(request.audio):
-                self._complete(request)
+            self._deliver(row, result, elapsed, len(rows))
+
+    def _deliver(self, row: _Row, result: SegmentAudio, engine_s: float, batch_size: int) -> None:
+        """One segment's audio: checked, stored, progress reported, the request completed when it was the last."""
+        request = row.request
+        if request.finished:
+            return
+        if not np.isfinite(result.wav).all():
+            self.observer.rows_failed(1, BatchError("non-finite audio"))
+            request.fail(BatchError("generation produced non-finite audio (NaN or inf) for this segment"))
+            return
+        request.engine_s += engine_s
+        request.batch_sizes.append(batch_size)
+        request.audio[row.index] = result
+        done = sum(a is not None for a in request.audio)
+        if request.req.on_progress:
+            try:
+                request.req.on_progress(done, len(request.audio))
+            except Exception:  # a progress hook must never fail the job
+                log.exception("progress callback failed")
+        if done == len(request.audio):
+            self._complete(request)
+
+    @staticmethod
+    def _segment(row: _Row) -> Segment:
+        text = row.request.texts[row.index]
+        return Segment(text.tokens, len(text.text), row.request.voice, row.request.req.params)
 
     def _complete(self, request: _Request) -> None:
         wav = join_segments([a.wav for a in request.audio], self.engine.sample_rate)
@@ -325,16 +385,221 @@ class Scheduler:
             )
         )
 
+    # ---------------------------------------------------------------- the continuous loop
+
+    async def _run_continuous(self) -> None:
+        try:
+            await self._continuous_loop()
+        except Exception as exc:  # a bug here must not leave every job waiting forever: fail them, then exit
+            log.exception("the scheduler loop failed")
+            self._fatal(FatalEngineError(f"the scheduler failed: {type(exc).__name__}: {exc}"),
+                        list(self._waiting))  # fmt: skip
+
+    async def _continuous_loop(self) -> None:
+        while True:
+            self._expire()
+            gone = [r for r in self._running if r.request.finished]
+            for row in gone:
+                del self._running[row]
+                self._row_peak.pop(row, None)
+            for row in [r for r in self._finished if r.request.finished]:
+                del self._finished[row]
+            self._oom_rows = {r for r in self._oom_rows if r in self._waiting or r in self._running}
+            if not self._running and not self._oom_rows:  # the batch has drained since the last OOM: full budgets
+                self._row_cap, self._kv_cap = self.max_batch_size, self.max_batch_tokens
+            decision = policy.next_admission(
+                list(self._waiting.values()), self.clock(),
+                running_rows=len(self._running), running_span=max(self._running.values(), default=0),
+                max_rows=self._row_cap, max_positions=self._kv_cap, batch_wait_s=self.batch_wait_s,
+            )  # fmt: skip
+            admit: list[_Row] = []
+            if isinstance(decision, policy.Batch) and decision.keys:
+                for row in decision.keys:
+                    reservation = self._waiting.pop(row).positions
+                    if not row.request.finished:
+                        admit.append(row)
+                        self._running[row] = reservation
+                self.observer.queue_depth(len(self._waiting))
+            if not self._running and not self._finished and not gone:
+                if isinstance(decision, policy.Idle):
+                    await self._sleep(None)
+                elif isinstance(decision, policy.WaitUntil):
+                    await self._sleep(max(0.0, decision.deadline - self.clock()))
+                continue
+            now = self.clock()
+            for row in admit:
+                if row.request.first_batch_at is None:
+                    row.request.first_batch_at = now
+            if admit:
+                self.observer.rows_admitted(len(admit))
+            picked = self._pick_vocode()
+            newest = max((self._finished[row][1] for row in picked), default=-1)
+            vocode = {row: self._finished.pop(row)[0] for row in picked}
+            for row, (f, order, passed, solo) in list(self._finished.items()):
+                if order < newest:  # overtaken by a row that finished after it
+                    self._finished[row] = (f, order, passed + 1, solo)
+            self._busy = True
+            try:
+                tick = await self.run_on_engine(self._tick, gone, admit, list(vocode.values()))
+                self._after_tick(tick, vocode)
+                if self._retry:
+                    rows, self._retry = self._retry, []
+                    half = len(rows) // 2
+                    for part in (rows[:half], rows[half:]):
+                        part = [r for r in part if not r.request.finished]
+                        if part:
+                            await self._run_rows(part)
+            finally:
+                self._busy = False
+
+    def _pick_vocode(self) -> list[_Row]:
+        """The finished rows the vocoder takes in this tick: one (the shortest first) on the CPU, where the
+        vocoder runs between steps; every pending row in one batch where the engine vocodes in batches."""
+        if not self._finished:
+            return []
+        if getattr(self.engine, "vocoder_batched", False):
+            return [r for r, (_, _, _, solo) in self._finished.items() if not solo] or [next(iter(self._finished))]
+        pending = [policy.Finished(row, len(f.codes), order, passed)
+                   for row, (f, order, passed, _) in self._finished.items()]  # fmt: skip
+        key = policy.next_vocode(pending)
+        return [key] if key is not None else []
+
+    def _tick(self, gone: list[_Row], admit: list[_Row], vocode: list) -> _Tick:
+        """On the engine thread: evict, admit, one step, then vocode the chosen finished rows."""
+        engine, tick = self.engine, _Tick()
+        if gone:
+            engine.evict(gone)
+        try:
+            if admit:
+                engine.admit(admit, [self._segment(r) for r in admit])
+            if engine.running:
+                t0 = time.perf_counter()
+                tick.step = engine.step()
+                tick.step_s = time.perf_counter() - t0
+        except Exception as exc:
+            tick.step_error = exc
+            engine.reset()
+        if vocode:
+            try:
+                t0 = time.perf_counter()
+                tick.wavs = engine.vocode(vocode)
+                tick.vocode_s = time.perf_counter() - t0
+                if len(tick.wavs) != len(vocode):
+                    raise BatchError(f"engine returned {len(tick.wavs)} waveforms for {len(vocode)} rows")
+            except Exception as exc:
+                tick.vocode_error = exc
+        tick.kv_positions = engine.kv_positions
+        return tick
+
+    def _after_tick(self, tick: _Tick, vocode: dict) -> None:
+        if tick.step is not None:
+            out = tick.step
+            rows = len(out.keys)
+            self.observer.batch_done(rows, tick.step_s, rows)
+            for request in {row.request for row in out.keys}:
+                request.engine_s += tick.step_s
+            for row in out.keys:
+                self._row_peak[row] = max(self._row_peak.get(row, 0), rows)
+            for f in out.finished:
+                row = f.key
+                self._running.pop(row, None)
+                if not row.request.finished:
+                    self._finished[row] = (f, next(self._finish_order), 0, False)
+                else:
+                    self._row_peak.pop(row, None)
+            self.observer.step_done(len(self._running), tick.step_s, tick.kv_positions, self._kv_cap)
+        if tick.step_error is not None:
+            self._step_failed(tick.step_error, list(self._running))
+        if vocode:
+            if tick.vocode_error is not None:
+                self._vocode_failed(tick.vocode_error, vocode)
+            else:
+                self.observer.vocoder_done(tick.vocode_s)
+                for (row, f), wav in zip(vocode.items(), tick.wavs, strict=True):
+                    row.request.engine_s += tick.vocode_s / len(vocode)
+                    self._deliver(row, SegmentAudio(f.codes, wav), 0.0, self._row_peak.pop(row, 1))
+
+    def _step_failed(self, exc: BaseException, rows: list[_Row]) -> None:
+        error = _classify(exc)
+        for row in rows:
+            self._running.pop(row, None)
+            self._row_peak.pop(row, None)
+        rows = [r for r in rows if not r.request.finished]
+        if isinstance(error, FatalEngineError):
+            self._fatal(error, rows)
+            return
+        if len(rows) <= 1:
+            for row in rows:
+                log.warning("request %s: segment %d failed: %s", row.request.req.request_id, row.index, exc)
+                self.observer.rows_failed(1, error)
+                row.request.fail(error)
+            return
+        if isinstance(error, OutOfMemoryError):
+            self._row_cap = max(1, len(rows) // 2)
+            in_use = len(rows) * max(self._reservation(r) for r in rows)
+            self._kv_cap = max(1, min(self._kv_cap, in_use // 2))
+            self._oom_rows.update(rows)
+            log.warning("batch of %d failed (%s: %s); re-admitting its rows from their prompts, at most %d rows "
+                        "and %d KV positions", len(rows), type(exc).__name__, exc, self._row_cap,
+                        self._kv_cap)  # fmt: skip
+            for row in rows:
+                self._waiting[row] = policy.Waiting(row, row.request.req.voice_key,
+                                                    len(row.request.texts[row.index].tokens),
+                                                    row.request.submitted_at, row.order, self._reservation(row))
+            self.observer.queue_depth(len(self._waiting))
+            return
+        # Any other error: the rows restart from their prompts (same seeds) as static batches split in halves,
+        # down to the row that fails; the continuous batch resumes after them.
+        log.warning("batch of %d failed (%s: %s); retrying in halves", len(rows), type(exc).__name__, exc)
+        self._retry.extend(rows)
+
+    def _vocode_failed(self, exc: BaseException, rows: dict) -> None:
+        error = _classify(exc)
+        if isinstance(error, FatalEngineError):
+            self._fatal(error, list(rows))
+            return
+        if len(rows) > 1:  # a batched vocoder call: each row again, alone
+            for row, f in rows.items():
+                if not row.request.finished:
+                    self._finished[row] = (f, next(self._finish_order), 0, True)
+            return
+        for row in rows:
+            self._row_peak.pop(row, None)
+            log.warning("request %s: segment %d failed in the vocoder: %s", row.request.req.request_id, row.index,
+                        exc)  # fmt: skip
+            self.observer.rows_failed(1, error)
+            row.request.fail(error)
+
+    def _reservation(self, row: _Row) -> int:
+        return self.engine.reserve_positions(self._segment(row))
+
+
+
     def _fatal(self, error: FatalEngineError, rows: list[_Row]) -> None:
         log.critical("fatal engine error: %s", error)
-        for row in rows:
+        for row in [*rows, *self._running, *self._finished]:
             row.request.fail(error)
+        self._running.clear()
+        self._finished.clear()
         for row in list(self._waiting):
             row.request.fail(error)
         self._waiting.clear()
         self._closed = True
         if self.on_fatal:
             self.on_fatal(error)
+
+
+@dataclass(eq=False)
+class _Tick:
+    """What one engine-thread tick of continuous scheduling did."""
+
+    step: StepOutput | None = None
+    step_s: float = 0.0
+    step_error: BaseException | None = None
+    wavs: list | None = None
+    vocode_s: float = 0.0
+    vocode_error: BaseException | None = None
+    kv_positions: int = 0
 
 
 def _classify(exc: BaseException) -> EngineError:

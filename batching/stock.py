@@ -6,7 +6,7 @@ with its weight norm left in place, exactly as `Xtts.load_checkpoint` leaves it.
 only because a row carries token ids, not text; tests/batching/test_stock.py checks that the audio is the same
 as `Xtts.inference`'s for the same seed.
 
-It shares everything else with XttsEngine (text splitting, conditioning, the demo length rule), so a run with
+It shares everything else with XttsEngine (text splitting, conditioning, row length limits), so a run with
 XTTS_ENGINE=stock differs from the batched worker only in how rows are decoded and vocoded.
 """
 
@@ -22,6 +22,7 @@ from batching.engine import Segment, SegmentAudio, XttsEngine, _seed, _to_numpy,
 
 
 class StockEngine(XttsEngine):
+    supports_steps = False  # whole rows, one at a time: static scheduling only
     fold_weight_norm = False  # stock XTTS vocodes with HiFi-GAN's weight-norm parametrizations in place
 
     def __init__(self, *args, **kwargs):
@@ -40,9 +41,9 @@ class StockEngine(XttsEngine):
         model, gpt, p = self.model, self.model.gpt, segment.params
         torch.manual_seed(_seed(p.seed))
         extra = {}
-        if self.demo_tokens_per_char is not None:
-            n = self.demo_length(segment.n_chars)
-            extra = {"min_new_tokens": n, "max_new_tokens": n}
+        lo, hi = self.row_limits(segment)
+        if (lo, hi) != (0, self.max_gen_tokens):  # a length rule (demo checkpoints) or the row's own limits
+            extra = {"min_new_tokens": lo, "max_new_tokens": hi}
         cond = segment.voice.gpt_cond_latent.to(self.device)
         speaker = segment.voice.speaker_embedding.to(self.device)
         tokens = torch.tensor([segment.tokens], dtype=torch.int32, device=self.device)

@@ -324,8 +324,10 @@ class Bench:
         self.extra["gcs"] = {"emulator": "fake-gcs-server (memory backend) on 127.0.0.1",
                              "fault_proxy": use_proxy, "latencies_ms": latencies, "fail_503": a.gcs_fail,
                              "resets": a.gcs_resets}  # fmt: skip
-        settings = {"baseline": dict(BASELINE_SETTINGS), "unbatched": dict(UNBATCHED_SETTINGS),
-                    "batched": batched_settings(a.max_concurrency, a.max_batch_size, a.batch_wait_ms)}
+        batched = batched_settings(a.max_concurrency, a.max_batch_size, a.batch_wait_ms)
+        settings = {"baseline": dict(BASELINE_SETTINGS), "unbatched": dict(UNBATCHED_SETTINGS), "batched": batched,
+                    "static": {**batched, "SCHEDULING": "static"},
+                    "continuous": {**batched, "SCHEDULING": "continuous"}}
         bucket, _ = split_gs_url(a.ref_url_template.format(voice=0))
         workdir = new_workdir()
         ok = interrupted = False
@@ -473,7 +475,8 @@ class Bench:
         for run in runs:
             # Every run against the baseline (the seed); batched also against unbatched (what batching and the
             # caches buy on this worker's own engine).
-            for denominator in ("baseline", "unbatched") if run["config"] == "batched" else ("baseline",):
+            denominators = {"batched": ("baseline", "unbatched"), "continuous": ("baseline", "static")}
+            for denominator in denominators.get(run["config"], ("baseline",)):
                 base = next((r for r in runs if r["config"] == denominator
                              and r["gcs_latency_ms"] == run["gcs_latency_ms"]), None)  # fmt: skip
                 if base is not None and run is not base:

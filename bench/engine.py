@@ -86,7 +86,7 @@ def seed_path(engine, requests: list[Request], refs: list[Path], params) -> tupl
         )  # fmt: skip
         torch.manual_seed(r.seed)
         extra = {}
-        if engine.demo_tokens_per_char is not None:
+        if engine.length_rule is not None:
             n = engine.demo_length(len(r.text))
             extra = {"min_new_tokens": n, "max_new_tokens": n}
         out = model.inference(r.text, r.language, gpt_latent, speaker, temperature=params.temperature,
@@ -129,10 +129,14 @@ def vocoder_alone(engine, requests: list[Request], latents: list, params) -> tup
     with torch.inference_mode():
         for i in range(0, len(segments), 8):
             chunk = segments[i : i + 8]
-            _codes, gpt_latents = engine._decode(chunk)
+            engine.admit(list(range(len(chunk))), chunk)
+            rows = []
+            while engine.running:
+                rows += engine.step().finished
+            rows.sort(key=lambda row: row.key)
             started = time.perf_counter()
-            speakers = [s.voice.speaker_embedding for s in chunk]
-            wavs = engine._vocode(gpt_latents, speakers, [s.params.speed for s in chunk])
+            wavs = engine._vocode([r.latents for r in rows], [r.segment.voice.speaker_embedding for r in rows],
+                                  [r.segment.params.speed for r in rows])  # fmt: skip
             wall_s += time.perf_counter() - started
             audio_s += sum(len(w) for w in wavs) / engine.sample_rate
     return audio_s, wall_s

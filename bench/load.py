@@ -55,14 +55,17 @@ UNBATCHED_SETTINGS: dict[str, str] = {
 BASELINE_SETTINGS: dict[str, str] = {**UNBATCHED_SETTINGS, "XTTS_ENGINE": "stock"}
 # baseline: the seed (stock path + seed settings); unbatched: this worker's engine with the seed's settings (what
 # the engine alone buys, without batching or caches); batched: the worker as deployed.
-CONFIG_NAMES = ("baseline", "unbatched", "batched")
+# static / continuous: the worker as deployed with SCHEDULING=static (whole batches run to completion) or
+# SCHEDULING=continuous (the default: rows join and leave at every decoding step), to compare the two in one run.
+CONFIG_NAMES = ("baseline", "unbatched", "batched", "static", "continuous")
+SHORT_JOB_CHARS = 60  # "short jobs" in reports: replies a user waits on
 
 # Variables the worker reads (server/config.py, storage/config.py) or the SDK reacts to: never inherited from
 # the shell that runs the bench, so a stray export cannot change what is measured (or reach a real bucket).
 _WORKER_VARIABLE_PREFIXES = (
     "RUNPOD_", "GCS_", "STORAGE_", "XTTS_", "LATENT_CACHE", "AUDIO_CACHE", "MAX_", "ALLOWED_", "ALLOW_LOOPBACK",
     "SIGNED_URL", "LOCAL_STORAGE_DIR", "GOOGLE_APPLICATION_CREDENTIALS", "BATCH_WAIT_MS", "METRICS_PORT",
-    "JOB_TIMEOUT_S", "DEFAULT_LANGUAGE", "DEFAULT_OUTPUT_FORMAT", "LOG_LEVEL",
+    "JOB_TIMEOUT_S", "DEFAULT_LANGUAGE", "DEFAULT_OUTPUT_FORMAT", "LOG_LEVEL", "SCHEDULING",
 )  # fmt: skip
 
 
@@ -221,6 +224,7 @@ def summarize_point(point: PointPlan, records: Sequence[JobRecord], wall_s: floa
         # Aggregate real-time factor: wall seconds per second of audio produced (< 1: faster than real time).
         "rtf": round(wall_s / audio, 4) if audio > 0 else None,
         "latency_s": summarize(r.latency_s for r in done),
+        "latency_short_s": summarize(r.latency_s for r in done if r.chars <= SHORT_JOB_CHARS),
         "platform_queue_s": summarize(r.platform_queue_s for r in done),
         "queue_wait_s": summarize(r.queue_wait_s for r in done),
         "synthesis_s": summarize(r.synthesis_s for r in done),
@@ -255,6 +259,8 @@ def compare_points(numerator: dict, denominator: dict) -> dict[str, Any]:
             "p50_latency": ratio(p["latency_s"]["p50"], q["latency_s"]["p50"]),
             "p95_latency": ratio(p["latency_s"]["p95"], q["latency_s"]["p95"]),
             "p99_latency": ratio(p["latency_s"]["p99"], q["latency_s"]["p99"]),
+            "p50_latency_short": ratio((p.get("latency_short_s") or {}).get("p50"),
+                                       (q.get("latency_short_s") or {}).get("p50")),
             # The same jobs must give the same audio (demo lengths follow the text): a check that both sides
             # were offered, and completed, the same work.
             "same_audio": bool(p.get("audio_s") and q.get("audio_s")

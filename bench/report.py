@@ -166,15 +166,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {r} {pt}: {s}" for r, pt, s in errors[:20]]
 
     for comparison in report.get("ratios", []):
+        short = any(r.get("p50_latency_short") is not None for r in comparison["points"])
         lines += ["", f"## {comparison['numerator']} / {comparison['denominator']}", "",
                   "Throughput ratios above 1 and latency ratios below 1 favour "
                   f"`{comparison['numerator']}`.", "",
-                  "| point | audio-s/s | jobs/s | chars/s | p50 latency | p95 latency | p99 latency | same audio |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+                  "| point | audio-s/s | jobs/s | chars/s | p50 latency | p95 latency | p99 latency "
+                  + ("| p50 latency, short jobs (<= 60 chars) " if short else "") + "| same audio |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if short else "") + "---|"]  # fmt: skip
         for r in comparison["points"]:
             lines.append(f"| {r['label']} | {_x(r['audio_s_per_s'])} | {_x(r['jobs_per_s'])} | "
                          f"{_x(r['chars_per_s'])} | {_x(r['p50_latency'])} | {_x(r['p95_latency'])} | "
-                         f"{_x(r['p99_latency'])} | {'yes' if r.get('same_audio') else 'NO'} |")  # fmt: skip
+                         f"{_x(r['p99_latency'])} | " + (f"{_x(r['p50_latency_short'])} | " if short else "")
+                         + f"{'yes' if r.get('same_audio') else 'NO'} |")  # fmt: skip
 
     for comparison in report.get("gcs_latency_comparison", []):
         lines += ["", f"## GCS latency: {comparison['numerator']} / {comparison['denominator']}", "",

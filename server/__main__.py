@@ -96,6 +96,7 @@ def make_context_builder(config, engine, metrics):
             engine, latents,
             max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
             observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
+            scheduling=config.scheduling, max_batch_tokens=config.max_batch_tokens,
         )  # fmt: skip
         await scheduler.start()
 

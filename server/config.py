@@ -12,8 +12,15 @@ Variables read here (defaults in brackets):
     XTTS_DEVICE           cuda | cuda:N | cpu | auto                                [auto]
     XTTS_GPT_DTYPE        auto | float32 | float16 | bfloat16 (GPT decoder weights) [auto]
     MAX_CONCURRENCY       jobs the RunPod SDK runs at once (concurrency_modifier)  [32]
-    MAX_BATCH_SIZE        most rows in one GPU batch                                [8]
-    BATCH_WAIT_MS         longest wait for company before a batch runs              [15]
+    MAX_BATCH_SIZE        most rows in one GPU batch (continuous: rows decoding at once) [8]
+    MAX_BATCH_TOKENS      continuous: most KV-cache positions the running batch may come to hold, padding
+                          included; 0 = MAX_BATCH_SIZE x the longest possible row (1040 for XTTS-v2), so only
+                          MAX_BATCH_SIZE binds. Size it to the GPU: one position costs 2 x layers x width x
+                          dtype bytes (XTTS-v2 in fp16: 2 x 30 x 1024 x 2 = 120 KiB), so 40 GiB left after the
+                          model and activations hold ~350k positions                        [0]
+    SCHEDULING            continuous | static: continuous admits and finishes rows at every decoding step and
+                          vocodes each row as it finishes; static runs whole batches to completion [continuous]
+    BATCH_WAIT_MS         longest wait for company before a batch runs (continuous: only when idle) [15]
     LATENT_CACHE          on | off: off recomputes conditioning per job (the seed's way, for baselines) [on]
     LATENT_CACHE_SIZE     speaker latents kept in memory (voices)                   [256]
     LATENT_CACHE_DIR      speaker latents persisted on disk ('' = off)             [/tmp/latent_cache]
@@ -44,6 +51,7 @@ GPT_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
 ENGINES: tuple[str, ...] = ("batched", "stock")
+SCHEDULINGS: tuple[str, ...] = ("continuous", "static")
 # batching.loading.RELEASED_MODELS holds the same names; it is not imported here because it pulls in torch.
 RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
 
@@ -185,6 +193,8 @@ class WorkerConfig:
     gpt_dtype: str = "auto"
     max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_tokens: int = 0
+    scheduling: str = "continuous"
     batch_wait_ms: float = 15.0
     latent_cache: bool = True
     latent_cache_size: int = 256
@@ -224,6 +234,8 @@ class WorkerConfig:
             gpt_dtype=read.choice("XTTS_GPT_DTYPE", "auto", GPT_DTYPES),
             max_concurrency=read.integer("MAX_CONCURRENCY", DEFAULT_MAX_CONCURRENCY, minimum=1),
             max_batch_size=read.integer("MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE, minimum=1),
+            max_batch_tokens=read.integer("MAX_BATCH_TOKENS", 0, minimum=0),
+            scheduling=read.choice("SCHEDULING", "continuous", SCHEDULINGS),
             batch_wait_ms=read.number("BATCH_WAIT_MS", 15.0, minimum=0.0),
             latent_cache=read.choice("LATENT_CACHE", "on", ("on", "off")) == "on",
             latent_cache_size=read.integer("LATENT_CACHE_SIZE", 256, minimum=1),
@@ -248,6 +260,8 @@ class WorkerConfig:
         if self.engine == "stock":
             notes.append("XTTS_ENGINE=stock decodes one row at a time the way stock Xtts.inference does: a benchmark "
                          "baseline, several times slower than the batched engine")
+        if self.engine == "stock" and self.scheduling == "continuous":
+            notes.append("XTTS_ENGINE=stock decodes whole rows: it runs with SCHEDULING=static")
         if self.max_concurrency < 2 * self.max_batch_size:
             notes.append(
                 f"MAX_CONCURRENCY={self.max_concurrency} is less than twice MAX_BATCH_SIZE={self.max_batch_size}: "
@@ -264,6 +278,8 @@ class WorkerConfig:
             "gpt_dtype": self.gpt_dtype,
             "max_concurrency": self.max_concurrency,
             "max_batch_size": self.max_batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+            "scheduling": self.scheduling,
             "batch_wait_ms": self.batch_wait_ms,
             "latent_cache": self.latent_cache,
             "latent_cache_size": self.latent_cache_size,

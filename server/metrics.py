@@ -7,7 +7,14 @@ Names carry their unit; labels are small closed sets:
     xtts_stage_duration_seconds{stage}               histogram  stage: queue_wait, download, conditioning,
                                                                 generation, vocoder, encode, upload (per job,
                                                                 but vocoder: per batch, the HiFi-GAN part of it)
-    xtts_batch_size_rows                             histogram  rows in each GPU batch
+    xtts_batch_size_rows                             histogram  rows in each GPU batch (continuous scheduling:
+                                                                rows in each decoding step)
+    xtts_running_rows                                gauge      continuous: rows in the running batch
+    xtts_admitted_rows_total                         counter    rows admitted into the engine (continuous: into
+                                                                the running batch; a retried row counts again)
+    xtts_step_duration_seconds                       histogram  continuous: one decoding step of the whole batch
+    xtts_kv_cache_positions{kind}                    gauge      continuous: KV-cache positions, kind: in_use |
+                                                                budget (MAX_BATCH_TOKENS, shrunk after an OOM)
     xtts_queue_depth_requests                        gauge      requests waiting for the GPU
     xtts_jobs_in_flight                              gauge      jobs inside the handler now
     xtts_cache_hits_total{cache} / _misses_total     counter    cache: reference_audio | latents
@@ -41,6 +48,7 @@ JOB_STATUSES: tuple[str, ...] = ("completed", "failed", "invalid", "cancelled")
 # Seconds: from a cache hit's microseconds to a long text's minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
 _RTF_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -69,6 +77,18 @@ class Metrics:
         self.batch_size = Histogram(
             "xtts_batch_size_rows", "Rows in each GPU batch.", buckets=_BATCH_BUCKETS, registry=registry
         )
+        self.running_rows = Gauge("xtts_running_rows", "Rows in the running batch.", registry=registry)
+        self.admissions = Counter(
+            "xtts_admitted_rows_total", "Rows admitted into the engine.", registry=registry
+        )
+        self.step_duration = Histogram(
+            "xtts_step_duration_seconds", "One decoding step of the running batch.", buckets=_STEP_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.kv_positions = Gauge(
+            "xtts_kv_cache_positions", "KV-cache positions held by the running batch, and its budget.", ["kind"],
+            registry=registry,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "xtts_queue_depth_requests", "Requests waiting for the GPU scheduler.", registry=registry
         )
@@ -153,7 +173,8 @@ class SchedulerMetrics:
     """The batching scheduler's observer hooks (batching.Observer, duck-typed) feeding these metrics.
 
     The scheduler calls them on the event loop: once per batch, at each change of queue depth, and once per
-    request after its speaker latents were looked up (computed, or found in the latent cache).
+    request after its speaker latents were looked up (computed, or found in the latent cache). Under continuous
+    scheduling, `batch_done` and `step_done` come once per decoding step and `vocoder_done` once per vocoded row.
     """
 
     def __init__(self, metrics: Metrics):
@@ -178,6 +199,15 @@ class SchedulerMetrics:
 
     def vocoder_done(self, seconds: float) -> None:
         self.metrics.observe_stage("vocoder", seconds)
+
+    def step_done(self, rows: int, seconds: float, kv_positions: int, kv_budget: int) -> None:
+        self.metrics.running_rows.set(rows)
+        self.metrics.step_duration.observe(max(0.0, seconds))
+        self.metrics.kv_positions.labels(kind="in_use").set(kv_positions)
+        self.metrics.kv_positions.labels(kind="budget").set(kv_budget)
+
+    def rows_admitted(self, count: int) -> None:
+        self.metrics.admissions.inc(count)
 
 
 class StorageMetrics:

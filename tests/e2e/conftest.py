@@ -155,6 +155,11 @@ class MetricsSnapshot(Snapshot):
         return self.get("xtts_batch_size_rows_sum")
 
     @property
+    def rows_admitted(self) -> float:
+        """Rows that reached the engine (each segment once, unless a failed batch retried it)."""
+        return self.get("xtts_admitted_rows_total")
+
+    @property
     def batches_of_one(self) -> float:
         return self.buckets("xtts_batch_size_rows").get(1.0, 0.0)
 

@@ -1,24 +1,25 @@
 """`python -m server` with faults injected into the real engine, for test_engine_faults_in_the_loop.py.
 
 Run as a script with the worker's environment. A row whose sampling seed (the job's `seed`) is one of the values
-below misbehaves inside `XttsEngine.generate`; every other part is the real worker: the RunPod SDK's production
-loop, the handler, the scheduler and the engine on a demo checkpoint.
+below misbehaves inside the engine's step-level calls (`XttsEngine.admit`, `step`, `vocode`, which both the
+continuous scheduler and `generate` go through); every other part is the real worker: the RunPod SDK's
+production loop, the handler, the scheduler and the engine on a demo checkpoint.
 
-    RAISE  any batch holding the row raises (a bug or a bad kernel)
+    RAISE  any decoding step holding the row raises (a bug or a bad kernel)
     NAN    the row's audio comes back as NaN
-    OOM    any batch of more than one row holding it raises torch's out-of-memory error
-    CUDA   any batch holding it raises a CUDA error (the device is unusable)
-    SLOW   any batch holding it holds the engine thread for FAULTY_SLOW_S seconds first (default 8)
+    OOM    any decoding step of more than one row holding it raises torch's out-of-memory error
+    CUDA   any decoding step holding it raises a CUDA error (the device is unusable)
+    SLOW   admitting it holds the engine thread for FAULTY_SLOW_S seconds first (default 8)
     GATE   an ordinary row, held at the gate (below) by default
 
-The gate: while the file named by FAULTY_GATE_FILE exists, a batch holding one of the seeds in FAULTY_GATE_SEEDS
-(comma-separated; default GATE) waits before anything else, so that a test can fill the queue behind it and then
-open the gate (delete the file) on cue, instead of hoping the engine stays busy long enough.
+The gate: while the file named by FAULTY_GATE_FILE exists, an admission holding one of the seeds in
+FAULTY_GATE_SEEDS (comma-separated; default GATE) waits before anything else, so that a test can fill the queue
+behind it and then open the gate (delete the file) on cue, instead of hoping the engine stays busy long enough.
 
-Every call prints the seeds of its rows (`faulty_worker: generate seeds=[...]`), so a test can tell which jobs
-reached the engine; a held batch prints `faulty_worker: held at the gate` and `faulty_worker: gate opened`. The
-process prints `faulty_worker: fatal error at <unix time>` when the scheduler reports a fatal engine error
-(server.__main__._exit_on_fatal) and `faulty_worker: exiting at <unix time>` when the exit fires
+Every admission prints the seeds of its rows (`faulty_worker: generate seeds=[...]`), so a test can tell which
+jobs reached the engine; a held admission prints `faulty_worker: held at the gate` and `faulty_worker: gate
+opened`. The process prints `faulty_worker: fatal error at <unix time>` when the scheduler reports a fatal engine
+error (server.__main__._exit_on_fatal) and `faulty_worker: exiting at <unix time>` when the exit fires
 (server.__main__._hard_exit), so a test can measure the grace between them.
 """
 
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from batching.engine import SegmentAudio, XttsEngine  # noqa: E402
+from batching.engine import XttsEngine  # noqa: E402
 
 RAISE, NAN, OOM, CUDA, SLOW, GATE = 9001, 9002, 9003, 9004, 9005, 9006
 
@@ -47,29 +48,44 @@ def _wait_at_the_gate(seeds: set) -> None:
         print("faulty_worker: gate opened", flush=True)
 
 
-def generate(self, segments):
-    seeds = {s.params.seed for s in segments}
+def _seeds(segments) -> set:
+    return {s.params.seed for s in segments}
+
+
+def admit(self, keys, segments):
+    seeds = _seeds(segments)
     print(f"faulty_worker: generate seeds={sorted(seeds, key=lambda x: -1 if x is None else x)}", flush=True)
     _wait_at_the_gate(seeds)
     if SLOW in seeds:
         time.sleep(float(os.environ.get("FAULTY_SLOW_S", "8")))
         print("faulty_worker: slow call done", flush=True)
+    return _real_admit(self, keys, segments)
+
+
+def step(self):
+    running = self._running.segments
+    seeds = _seeds(running)
     if CUDA in seeds:
         raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
     if RAISE in seeds:
         raise ValueError("injected failure")
-    if OOM in seeds and len(segments) > 1:
+    if OOM in seeds and len(running) > 1:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-    out = _real_generate(self, segments)
-    return [SegmentAudio(a.codes, np.full_like(a.wav, np.nan)) if s.params.seed == NAN else a
-            for s, a in zip(segments, out, strict=True)]  # fmt: skip
+    return _real_step(self)
 
 
-_real_generate = XttsEngine.generate
+def vocode(self, rows):
+    wavs = _real_vocode(self, rows)
+    return [np.full_like(w, np.nan) if r.segment.params.seed == NAN else w for r, w in zip(rows, wavs, strict=True)]
+
+
+PATCHES = {"admit": admit, "step": step, "vocode": vocode}
+_real_admit, _real_step, _real_vocode = XttsEngine.admit, XttsEngine.step, XttsEngine.vocode
 
 if __name__ == "__main__":
     # Only in the worker process: importing this module (the tests take the seed values from it) changes nothing.
-    XttsEngine.generate = generate
+    for name, fn in PATCHES.items():
+        setattr(XttsEngine, name, fn)
     import server.__main__ as entry
 
     _real_exit_on_fatal, _real_hard_exit = entry._exit_on_fatal, entry._hard_exit

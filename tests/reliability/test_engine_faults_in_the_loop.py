@@ -38,7 +38,8 @@ def test_importing_the_fault_injector_changes_nothing():
     from batching.engine import XttsEngine
     from tests.reliability import faulty_worker
 
-    assert XttsEngine.generate is faulty_worker._real_generate is not faulty_worker.generate
+    for name, patch in faulty_worker.PATCHES.items():
+        assert getattr(XttsEngine, name) is getattr(faulty_worker, f"_real_{name}") is not patch
 
 
 def job(ref: str, seed: int, text: str = "Uma frase curta para o lote.") -> dict:

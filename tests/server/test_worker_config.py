@@ -55,7 +55,8 @@ def test_every_variable_is_read_and_normalized():
         "LATENT_CACHE_SIZE": "10", "MAX_TEXT_CHARS": "100", "JOB_TIMEOUT_S": "30", "METRICS_PORT": "0",
         "LOG_LEVEL": "warn", "DEFAULT_LANGUAGE": "ZH_CN", "DEFAULT_OUTPUT_FORMAT": "MP3",
         "LATENT_CACHE_DIR": "/var/latents", "LATENT_CACHE_DISK_ENTRIES": "50", "XTTS_VOCODER_BATCHING": "Per_Row",
-        "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock", "REF_MIN_LEVEL_DBFS": "-60",
+        "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock", "SCHEDULING": "Static", "MAX_BATCH_TOKENS": "20000",
+        "REF_MIN_LEVEL_DBFS": "-60",
     }  # fmt: skip
     config = build(env)
     assert config.latent_cache_disk_entries == 50
@@ -64,7 +65,8 @@ def test_every_variable_is_read_and_normalized():
         "max_concurrency": 64, "max_batch_size": 16, "batch_wait_ms": 2.5, "latent_cache_size": 10,
         "latent_cache": False, "latent_cache_dir": "/var/latents", "vocoder_batching": "per_row",
         "engine": "stock", "max_text_chars": 100, "job_timeout_s": 30.0, "metrics_port": 0, "log_level": "WARNING",
-        "default_language": "zh-cn", "default_output_format": "mp3", "ref_min_level_dbfs": -60.0,
+        "default_language": "zh-cn", "default_output_format": "mp3", "max_batch_tokens": 20000,
+        "scheduling": "static", "ref_min_level_dbfs": -60.0,
     }  # fmt: skip
     assert config.storage.env == env  # storage gets the same environment to read its own variables
 
@@ -93,6 +95,8 @@ def test_empty_values_count_as_unset():
         ("XTTS_VOCODER_BATCHING", "yes", "XTTS_VOCODER_BATCHING must be one of auto, batched, per_row, got 'yes'"),
         ("LATENT_CACHE", "maybe", "LATENT_CACHE must be one of on, off, got 'maybe'"),
         ("XTTS_ENGINE", "seed", "XTTS_ENGINE must be one of batched, stock, got 'seed'"),
+        ("SCHEDULING", "dynamic", "SCHEDULING must be one of continuous, static, got 'dynamic'"),
+        ("MAX_BATCH_TOKENS", "-5", "MAX_BATCH_TOKENS must be an integer >= 0, got '-5'"),
         ("LATENT_CACHE_DISK_ENTRIES", "0", "LATENT_CACHE_DISK_ENTRIES must be an integer >= 1, got '0'"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'"),
         ("DEFAULT_OUTPUT_FORMAT", "aac", "DEFAULT_OUTPUT_FORMAT must be one of wav, flac, ogg, mp3, got 'aac'"),

@@ -37,7 +37,19 @@ def test_every_family_is_registered_with_a_unit_in_its_name(metrics):
         "xtts_cache_size_bytes", "xtts_audio_generated_seconds", "xtts_real_time_factor_ratio",
         "xtts_storage_retries", "xtts_storage_errors", "xtts_gpu_memory_bytes",
         "xtts_engine_info",  # an info gauge: Prometheus's convention is the _info suffix, no unit
+        "xtts_running_rows", "xtts_admitted_rows", "xtts_step_duration_seconds", "xtts_kv_cache_positions",
     }  # fmt: skip
+
+
+def test_continuous_scheduling_hooks(metrics):
+    hooks = SchedulerMetrics(metrics)
+    hooks.rows_admitted(3)
+    hooks.step_done(rows=5, seconds=0.02, kv_positions=700, kv_budget=8320)
+    assert value(metrics, "xtts_admitted_rows_total") == 3
+    assert value(metrics, "xtts_running_rows") == 5
+    assert value(metrics, "xtts_step_duration_seconds_count") == 1
+    assert value(metrics, "xtts_kv_cache_positions", kind="in_use") == 700
+    assert value(metrics, "xtts_kv_cache_positions", kind="budget") == 8320
 
 
 def test_vocoder_time_is_a_stage(metrics):

@@ -1,0 +1,65 @@
+"""Continuous scheduling's policy with hand-built queues: which rows join the running batch at a step boundary,
+which finished row the vocoder takes next. No clock, no model."""
+
+import pytest
+
+from batching.policy import Batch, Finished, Idle, WaitUntil, Waiting, next_admission, next_vocode
+
+
+def admission(waiting, now=1.0, rows=0, span=0, max_rows=4, positions=10_000, wait=0.05):
+    return next_admission(waiting, now, running_rows=rows, running_span=span, max_rows=max_rows,
+                          max_positions=positions, batch_wait_s=wait)  # fmt: skip
+
+
+def r(key, positions=100, at=0.0):
+    return Waiting(key=key, voice="a", length=10, enqueued_at=at, order=key, positions=positions)
+
+
+def test_admission_nothing_waiting_is_idle():
+    assert admission([]) == Idle()
+
+
+def test_an_idle_engine_waits_for_company_but_a_running_batch_takes_arrivals_at_once():
+    assert admission([r(1, at=0.99)], now=1.0) == WaitUntil(pytest.approx(1.04))
+    assert admission([r(1, at=0.99)], now=1.0, rows=2, span=100) == Batch((1,))
+
+
+def test_an_idle_engine_does_not_wait_for_company_that_would_not_fit():
+    assert admission([r(1, 600, 0.99), r(2, 600, 0.99)], now=1.0, positions=1000) == Batch((1,))
+
+
+def test_admission_is_oldest_first_within_the_row_budget():
+    waiting = [r(3, at=0.3), r(1, at=0.1), r(2, at=0.2), r(4, at=0.4)]
+    assert admission(waiting, rows=2, span=100, max_rows=4) == Batch((1, 2))
+    assert admission(waiting, rows=4, span=100, max_rows=4) == Batch(())
+
+
+def test_the_kv_budget_counts_rows_times_the_widest_reservation():
+    # 2 running rows of 100; a row of 300 makes it 3 x 300 = 900 <= 1000; one more would be 4 x 300.
+    waiting = [r(1, 300, 0.1), r(2, 50, 0.2)]
+    assert admission(waiting, rows=2, span=100, positions=1000) == Batch((1,))
+    assert admission(waiting, rows=2, span=100, positions=1200) == Batch((1, 2))
+
+
+def test_a_row_that_does_not_fit_holds_younger_ones_back_so_it_is_never_starved():
+    waiting = [r(1, 600, 0.1), r(2, 10, 0.2), r(3, 10, 0.3)]
+    assert admission(waiting, rows=1, span=100, positions=1000) == Batch(())
+
+
+def test_a_row_larger_than_the_whole_budget_runs_alone_when_nothing_runs():
+    assert admission([r(1, 5000), r(2, 10)], positions=1000) == Batch((1,))
+
+
+def test_admission_budgets_are_checked():
+    with pytest.raises(ValueError, match="max_rows must be an integer >= 1, got 0"):
+        admission([r(1)], max_rows=0)
+    with pytest.raises(ValueError, match="max_positions must be an integer >= 1, got 0"):
+        admission([r(1)], positions=0)
+
+
+def test_the_shortest_finished_row_is_vocoded_first_unless_one_was_passed_over_too_often():
+    assert next_vocode([]) is None
+    pending = [Finished("long", 300, 0, 0), Finished("short", 20, 1, 0), Finished("mid", 90, 2, 0)]
+    assert next_vocode(pending) == "short"
+    pending[0] = Finished("long", 300, 0, 4)
+    assert next_vocode(pending, max_passes=4) == "long"
