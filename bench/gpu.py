@@ -165,7 +165,7 @@ def write_voices(folder: Path, voices: int, seconds: float) -> list[Path]:
 def stock_inference(stock, text: str, language: str, voice, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Stock `Xtts.inference` with the demo length rule (when a demo model); returns (codes, wav)."""
     model = stock.model
-    if stock.demo_tokens_per_char is not None:
+    if stock.length_rule is not None:
         n = stock.demo_length(len(text))
         kwargs.update(min_new_tokens=n, max_new_tokens=n)
     captured = []
@@ -238,6 +238,16 @@ def equivalence(ctx) -> dict:
 
 def _half_dtypes(device) -> list[str]:
     return ["float16", "bfloat16"] if device.type == "cuda" else ["bfloat16"]
+
+
+def _decode_latents(engine, segments) -> list:
+    """The vocoder latents of `segments`, decoded through the engine's step-level calls (no vocoder)."""
+    keys, done = list(range(len(segments))), {}
+    engine.admit(keys, segments)
+    while engine.running:
+        for row in engine.step().finished:
+            done[row.key] = row
+    return [done[k].latents for k in keys]
 
 
 def _timed_generate(engine, segments, device) -> tuple[float, float, float]:
@@ -335,7 +345,7 @@ def vocoder(ctx) -> dict:
         requests = make_requests(b, len(ctx.latents), ctx.args.seed + 2, ctx.args.short)
         segments = engine_bench._segments(engine, requests, ctx.latents, params)
         with torch.inference_mode():
-            _codes, latents = engine._decode(segments)
+            latents = _decode_latents(engine, segments)
             speakers = [s.voice.speaker_embedding for s in segments]
             speeds = [s.params.speed for s in segments]
             walls = {"batched": 0.0, "per_row": 0.0}
@@ -618,7 +628,7 @@ def run(args) -> dict:
     }
     import torch
 
-    from batching.engine import XttsEngine
+    from batching.engine import LengthRule, XttsEngine
     from batching.loading import resolve_device
     from batching.stock import StockEngine
     from bench.voices import demo_checkpoint
@@ -634,9 +644,9 @@ def run(args) -> dict:
     ctx.engine = XttsEngine.load(model_dir, device=args.device, gpt_dtype=args.gpt_dtype, vocoder=args.vocoder)
     ctx.stock = StockEngine.load(model_dir, device=args.device)
     if args.demo_tokens_per_char is not None:  # fewer tokens per segment: a quick dry run
-        if ctx.engine.demo_tokens_per_char is None:
+        if ctx.engine.length_rule is None:
             raise SystemExit("--demo-tokens-per-char works on demo checkpoints only")
-        ctx.engine.demo_tokens_per_char = ctx.stock.demo_tokens_per_char = args.demo_tokens_per_char
+        ctx.engine.length_rule = ctx.stock.length_rule = LengthRule(args.demo_tokens_per_char)
     report["setup"] = {
         "checkpoint_s": built - started,
         "load_s": time.perf_counter() - built,

@@ -33,9 +33,9 @@ from tests.e2e.conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 JOAO, MARIA, CARLOS, ANA = VOICES
-# The mean rows per decoding step of the mixed load (36 one-segment jobs, MAX_BATCH_SIZE 8, continuous batching),
-# asserted with a margin under the figure the README states.
-MIN_MEAN_ROWS_PER_STEP = 1.0
+# The mean rows per decoding step of the mixed load (36 one-segment jobs, MAX_BATCH_SIZE 8, continuous batching):
+# measured 7.3 (the README's figure); asserted with a margin, as if one step in five ran a batch of one.
+MIN_MEAN_ROWS_PER_STEP = 6.0
 DEFAULT_PARAMETERS = {"temperature": 0.7, "speed": 1.0, "top_k": 50, "top_p": 0.85}
 SF_FORMATS = {"wav": "WAV", "flac": "FLAC", "mp3": "MP3", "ogg": "OGG"}
 
