@@ -276,6 +276,17 @@ class XttsEngine:
             return []
         if len(self._running):
             raise RuntimeError("generate() needs an idle engine: rows are running")
+        rows = self._decode_rows(segments)
+        wavs = self.vocode(rows)
+        return [SegmentAudio(r.codes, w) for r, w in zip(rows, wavs, strict=True)]
+
+    def _decode(self, segments: Sequence[Segment]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
+        """Decoding alone, to completion: each segment's codes and vocoder latents, in order."""
+        rows = self._decode_rows(segments)
+        return [r.codes for r in rows], [r.latents for r in rows]
+
+    @torch.inference_mode()
+    def _decode_rows(self, segments: Sequence[Segment]) -> list[FinishedRow]:
         keys = list(range(len(segments)))
         done: dict[int, FinishedRow] = {}
         try:
@@ -286,9 +297,7 @@ class XttsEngine:
         except BaseException:
             self.reset()
             raise
-        rows = [done[k] for k in keys]
-        wavs = self.vocode(rows)
-        return [SegmentAudio(r.codes, w) for r, w in zip(rows, wavs, strict=True)]
+        return [done[k] for k in keys]
 
     # ---------------------------------------------------------------- the step-level calls (engine thread only)
 
@@ -428,6 +437,23 @@ def _remove_weight_norm(module: torch.nn.Module) -> None:
 
 
 _seed = row_seed  # stock.py
+
+
+def _sample(logits, temperature, top_k, top_p, u) -> torch.Tensor:
+    """Per-row temperature, top-k, top-p (in Hugging Face's order and rules), then inverse-CDF sampling."""
+    scores = logits / temperature
+    desc, _ = scores.sort(dim=-1, descending=True)
+    kth = desc.gather(1, top_k - 1)
+    scores = scores.masked_fill(scores < kth, -math.inf)
+    asc, asc_idx = scores.sort(dim=-1)
+    cum = asc.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p)
+    remove[:, -1] = False
+    scores = scores.masked_fill(remove.scatter(1, asc_idx, remove), -math.inf)
+    probs = scores.softmax(dim=-1).double()
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return idx.clamp_(max=logits.shape[1] - 1)
 
 
 def _autocast_dtype(name: str, device) -> torch.dtype | None:

@@ -198,6 +198,8 @@ class RunningBatch:
         # Hugging Face's min_new_tokens: the stop token cannot come before a row's minimum length.
         logits[:, e.stop_audio] = logits[:, e.stop_audio].masked_fill(pos < t["min_new"], -math.inf)
         greedy = logits.argmax(-1)
+        from batching.engine import _sample  # looked up at each step: the sampler lives with the engine (tests spy on it)
+
         sampled = _sample(logits, t["temperature"][:, None], t["top_k"][:, None], t["top_p"][:, None],
                           t["uniforms"][rows, pos])  # fmt: skip
         tok = torch.where(t["sample"], sampled, greedy)
@@ -275,20 +277,3 @@ def _pad_right(x: torch.Tensor, n: int, fill) -> torch.Tensor:
     shape = list(x.shape)
     shape[1] = extra
     return torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim=1)
-
-
-def _sample(logits, temperature, top_k, top_p, u) -> torch.Tensor:
-    """Per-row temperature, top-k, top-p (in Hugging Face's order and rules), then inverse-CDF sampling."""
-    scores = logits / temperature
-    desc, _ = scores.sort(dim=-1, descending=True)
-    kth = desc.gather(1, top_k - 1)
-    scores = scores.masked_fill(scores < kth, -math.inf)
-    asc, asc_idx = scores.sort(dim=-1)
-    cum = asc.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[:, -1] = False
-    scores = scores.masked_fill(remove.scatter(1, asc_idx, remove), -math.inf)
-    probs = scores.softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return idx.clamp_(max=logits.shape[1] - 1)
