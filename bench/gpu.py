@@ -240,16 +240,6 @@ def _half_dtypes(device) -> list[str]:
     return ["float16", "bfloat16"] if device.type == "cuda" else ["bfloat16"]
 
 
-def _decode_latents(engine, segments) -> list:
-    """The vocoder latents of `segments`, decoded through the engine's step-level calls (no vocoder)."""
-    keys, done = list(range(len(segments))), {}
-    engine.admit(keys, segments)
-    while engine.running:
-        for row in engine.step().finished:
-            done[row.key] = row
-    return [done[k].latents for k in keys]
-
-
 def _timed_generate(engine, segments, device) -> tuple[float, float, float]:
     """(audio seconds, wall seconds, vocoder seconds) of one engine.generate call."""
     _sync(device)
@@ -345,7 +335,7 @@ def vocoder(ctx) -> dict:
         requests = make_requests(b, len(ctx.latents), ctx.args.seed + 2, ctx.args.short)
         segments = engine_bench._segments(engine, requests, ctx.latents, params)
         with torch.inference_mode():
-            latents = _decode_latents(engine, segments)
+            _codes, latents = engine._decode(segments)
             speakers = [s.voice.speaker_embedding for s in segments]
             speeds = [s.params.speed for s in segments]
             walls = {"batched": 0.0, "per_row": 0.0}

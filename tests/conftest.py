@@ -39,18 +39,3 @@ def tiny_stock_engine(tiny_checkpoint):
     from batching.stock import StockEngine
 
     return StockEngine.load(tiny_checkpoint, device="cpu")
-
-
-def decode_only(engine, segments):
-    """Decode `segments` through the engine's step-level calls (admit, then step until every row is done), without
-    the vocoder: (codes, vocoder latents) per segment, in order. The engine must be idle."""
-    import torch
-
-    keys = list(range(len(segments)))
-    done = {}
-    with torch.inference_mode():
-        engine.admit(keys, segments)
-        while engine.running:
-            for row in engine.step().finished:
-                done[row.key] = row
-    return [done[k].codes for k in keys], [done[k].latents for k in keys]

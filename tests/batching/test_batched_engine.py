@@ -10,7 +10,7 @@ from batching.engine import SamplingParams, Segment
 from batching.latents import LatentCache, model_fingerprint
 from batching.scheduler import Scheduler, SynthesisRequest
 from tests.batching.test_engine import WAVEFORM_TOLERANCE, stock_inference
-from tests.conftest import decode_only, synthetic_voice
+from tests.conftest import synthetic_voice
 
 # 9 segments, 3 languages, lengths from 4 to 43 audio tokens (short: the CPU vocoder costs ~1 s per audio second).
 MIXED = [
@@ -169,9 +169,9 @@ def test_bf16_greedy_batch_is_batch_invariant_and_close_to_float32(tiny_engine, 
     greedy = SamplingParams(do_sample=False)
     segments = [Segment(tiny_engine.tokenize(t, lang), len(t), voices[i % 2], greedy) for i, (t, lang) in enumerate(MIXED)]
     with torch.inference_mode():
-        bf16, bf16_latents = decode_only(bf16_engine, segments)
-        fp32, fp32_latents = decode_only(tiny_engine, segments)
-        alone = [decode_only(bf16_engine, [s])[0][0] for s in segments[::2]]  # every other row: time
+        bf16, bf16_latents = bf16_engine._decode(segments)
+        fp32, fp32_latents = tiny_engine._decode(segments)
+        alone = [bf16_engine._decode([s])[0][0] for s in segments[::2]]  # every other row: time
     for i, (b, a) in enumerate(zip(bf16[::2], alone, strict=True)):
         assert len(b) == len(a) == tiny_engine.demo_length(len(MIXED[2 * i][0]))
         assert b[0] == a[0], f"row {2 * i}: the first code already depends on the batch"
@@ -194,8 +194,8 @@ def test_bf16_seeded_request_is_the_same_alone_and_in_a_mixed_batch(bf16_engine,
         for i, (t, lang) in enumerate(MIXED[:5])
     ]  # fmt: skip
     with torch.inference_mode():  # decoding only: the vocoder runs in float32 whatever XTTS_GPT_DTYPE says
-        (alone,), (alone_latents,) = decode_only(bf16_engine, [row])
-        batch, batch_latents = decode_only(bf16_engine, neighbours[:3] + [row] + neighbours[3:])
+        (alone,), (alone_latents,) = bf16_engine._decode([row])
+        batch, batch_latents = bf16_engine._decode(neighbours[:3] + [row] + neighbours[3:])
     np.testing.assert_array_equal(batch[3], alone)
     # Measured: the row's latents come out bit-identical alone and in this batch; allow float32-level rounding.
     assert float((batch_latents[3] - alone_latents).abs().max()) < 1e-5

@@ -22,9 +22,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import batching.running as engine_module  # the sampler lives with the running batch
+import batching.engine as engine_module
 from batching.engine import SamplingParams, Segment
-from tests.conftest import decode_only
 
 N_AUDIO = 1026  # XTTS's audio vocabulary, start and stop tokens included
 # How far inside each token's CDF interval u is put. float32 softmax and cumulative sums differ from Hugging
@@ -110,7 +109,7 @@ def test_the_sampler_draws_from_hugging_faces_distribution_row_by_row():
 
 
 def test_the_sampler_matches_hugging_face_after_the_repetition_penalty():
-    """The penalty is the engine's (in the running batch's step); here Hugging Face's processor feeds the sampler, as in stock."""
+    """The penalty is the engine's (in `_decode`); here Hugging Face's processor feeds the sampler, as in stock."""
     logits = fixed_logits(3, seed=1)
     history = torch.tensor([[1, 1024, 5, 9, 5], [1, 1024, 700, 3, 3], [1, 1024, 12, 13, 14]])
     penalised = torch.cat([RepetitionPenaltyLogitsProcessor(pen)(h[None], row[None].clone())
@@ -150,7 +149,7 @@ def _capture_steps(engine, segments, monkeypatch):
     monkeypatch.setattr(engine_module, "_sample", spy)
     try:
         with torch.inference_mode():
-            codes, _ = decode_only(engine, segments)  # decoding only: the vocoder plays no part in sampling
+            codes, _ = engine._decode(segments)  # decoding only: the vocoder plays no part in sampling
     finally:
         hook.remove()
     return codes, raw, calls
@@ -191,7 +190,7 @@ def _first_codes(engine, voice, params: SamplingParams, rows: int) -> np.ndarray
     text = "Hi."  # the shortest demo segment (4 tokens)
     tokens = engine.tokenize(text, "en")
     segments = [Segment(tokens, len(text), voice, dataclasses.replace(params, seed=1000 + i)) for i in range(rows)]
-    codes, _ = decode_only(engine, segments)  # decoding only: the vocoder is not what this measures
+    codes, _ = engine._decode(segments)  # decoding only: the vocoder is not what this measures
     return np.array([c[0] for c in codes])
 
 
