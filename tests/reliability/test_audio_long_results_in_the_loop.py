@@ -32,7 +32,7 @@ def test_importing_the_long_audio_worker_changes_nothing():
     from batching.engine import XttsEngine
     from tests.reliability import long_audio_worker
 
-    assert XttsEngine.generate is long_audio_worker._real_generate is not long_audio_worker.generate
+    assert XttsEngine.vocode is long_audio_worker._real_vocode is not long_audio_worker.vocode
 
 
 def _wav(samples: np.ndarray) -> bytes:
@@ -103,7 +103,7 @@ async def test_300_second_results_complete_in_every_format_and_the_worker_lives_
             assert "silent" in refused["error"] and "peak -inf dBFS" in refused["error"], refused
             assert not refused["output"].get("retryable"), refused  # the caller must send another reference
             assert worker.process.returncode is None
-            assert worker.log_text().count("long_audio_worker: generate") >= 2  # the warm-up and the jobs
+            assert worker.log_text().count("long_audio_worker: vocode") >= 2  # the warm-up and the jobs
         finally:
             code = await worker.stop(30)
         assert code == 0, worker.log_text()[-3000:]
