@@ -94,12 +94,12 @@ RUN if [ "$COQUI_TOS_AGREED" != "1" ]; then \
     && rm -rf /models/xtts_v2/.cache /models/hf \
     && printf '%s@%s\n' "$XTTS_HF_REPO" "$XTTS_REVISION" >/models/xtts_v2/SOURCE
 
-# The project itself (the code start.sh falls back to), installed into the environment too.
+# The project itself (the code start.sh falls back to), installed into the environment too: the worker's packages
+# only (pyproject.toml's), never bench/ or testing/ (benchmarks and test doubles).
 COPY pyproject.toml README.md ./
 COPY batching ./batching
 COPY server ./server
 COPY storage ./storage
-COPY bench ./bench
 COPY test_input.json ./
 COPY --chmod=755 start.sh ./
 RUN python -m pip install --no-cache-dir --no-deps --no-build-isolation .

@@ -2,28 +2,31 @@
 
 Names are exported lazily (PEP 562): `import batching.languages` or `batching.errors` does not import torch, so
 the worker's configuration can validate a language in milliseconds.
+
+`python -m batching` (batching/__main__.py) synthesizes one file straight through the engine, to check a
+checkpoint, a device and a reference voice.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
     "SamplingParams": "batching.engine",
-    "Synthesis": "batching.engine",
+    "TextAudio": "batching.engine",
     "VoiceLatents": "batching.engine",
     "XttsEngine": "batching.engine",
     "EngineError": "batching.errors",
     "FatalEngineError": "batching.errors",
     "InputError": "batching.errors",
+    "JobTimeoutError": "batching.errors",
     "ModelNotLoadedError": "batching.errors",
     "SUPPORTED_LANGUAGES": "batching.languages",
     "normalize_language": "batching.languages",
     "LatentCache": "batching.latents",
     "model_fingerprint": "batching.latents",
-    "JobTimeoutError": "batching.scheduler",
     "Observer": "batching.scheduler",
     "Scheduler": "batching.scheduler",
-    "SynthesisRequest": "batching.scheduler",
-    "SynthesisResult": "batching.scheduler",
+    "SpeechRequest": "batching.scheduler",
+    "SpeechResult": "batching.scheduler",
 }
 
 __all__ = sorted(_EXPORTS)

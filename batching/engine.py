@@ -19,7 +19,13 @@ Row lengths come from the sampling parameters (`min_new_tokens`, `max_new_tokens
 load (demo checkpoints, whose random GPT never predicts its stop token, end each row by length): the decoding
 loop itself has no special case.
 
-Only one thread may call an engine (the scheduler's engine thread): it owns the model.
+Threads. The calls that touch the model or the running batch run on ONE thread at a time, the scheduler's engine
+thread: condition, generate (and _decode), admit, step, evict, reset, vocode, and the running / kv_shape /
+kv_positions views of the batch. Text preparation touches neither: prepare_text and tokenize read only the
+tokenizer and its text cleaners, and the scheduler runs them off the engine thread (asyncio.to_thread in
+Scheduler.submit, several jobs' texts at once, while the engine thread decodes). row_limits, reserve_positions,
+demo_length and samples_for are arithmetic on settings fixed at load: the scheduler calls reserve_positions on
+the event loop.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextE
 from batching.languages import CHAR_LIMITS, normalize_language
 from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
 from batching.text import split_text
+from batching.vocoder import RowVocoder
 
 # Fade applied on both sides of each join between two segments of one request, so that the step between the
 # last sample of one and the first of the next does not click.
@@ -103,7 +110,7 @@ class TextSegment:
 
 
 @dataclass(frozen=True, eq=False)
-class Synthesis:
+class TextAudio:
     wav: np.ndarray  # float32 mono
     sample_rate: int
     segments: list[SegmentAudio]
@@ -113,9 +120,10 @@ class Synthesis:
         return len(self.wav) / self.sample_rate
 
 
-def _fade(wav: np.ndarray, n: int, head: bool, tail: bool) -> np.ndarray:
-    n = min(n, len(wav) // 2)
-    if n <= 0:
+def fade(wav: np.ndarray, n: int, *, head: bool, tail: bool) -> np.ndarray:
+    """A copy of `wav` with a raised-cosine fade-in over its first `n` samples (`head`) and/or a fade-out over its
+    last `n` (`tail`); `n` <= len(wav)."""
+    if n <= 0 or not (head or tail):
         return wav
     wav = wav.copy()
     ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float64))).astype(np.float32)
@@ -127,12 +135,13 @@ def _fade(wav: np.ndarray, n: int, head: bool, tail: bool) -> np.ndarray:
 
 
 def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
-    """Concatenate segment waveforms with a short fade on each side of every inner join."""
+    """Concatenate segment waveforms with a short fade on each side of every inner join (at most half a segment)."""
     if not wavs:
         return np.zeros(0, dtype=np.float32)
     n = int(JOIN_FADE_S * sample_rate)
     last = len(wavs) - 1
-    return np.concatenate([_fade(w, n, head=i > 0, tail=i < last) for i, w in enumerate(wavs)]).astype(np.float32)
+    faded = [fade(w, min(n, len(w) // 2), head=i > 0, tail=i < last) for i, w in enumerate(wavs)]
+    return np.concatenate(faded).astype(np.float32)
 
 
 class XttsEngine:
@@ -170,7 +179,7 @@ class XttsEngine:
         self.sound_norm_refs = bool(cfg.sound_norm_refs)
         if vocoder not in ("auto", "batched", "per_row"):
             raise ValueError(f"XTTS_VOCODER_BATCHING must be auto, batched or per_row, got {vocoder!r}")
-        # Measured on a 2-core CPU: one row at a time is faster than a padded batch (bench/engine.py --vocoder).
+        # Measured on a 2-core CPU: one row at a time is faster than a padded batch (python -m bench engine --vocoder).
         self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
         if self.fold_weight_norm:
             _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
@@ -260,11 +269,11 @@ class XttsEngine:
         assert self.length_rule is not None
         return self.length_rule(n_chars, self.max_gen_tokens)[1]
 
-    def synthesize(self, text: str, language: str, voice: VoiceLatents, params: SamplingParams) -> Synthesis:
+    def synthesize(self, text: str, language: str, voice: VoiceLatents, params: SamplingParams) -> TextAudio:
         """The single-request path: split, decode all segments of the text as one batch, join."""
         segments = [Segment(s.tokens, len(s.text), voice, params) for s in self.prepare_text(text, language)]
         audio = self.generate(segments)
-        return Synthesis(join_segments([a.wav for a in audio], self.sample_rate), self.sample_rate, audio)
+        return TextAudio(join_segments([a.wav for a in audio], self.sample_rate), self.sample_rate, audio)
 
     @torch.inference_mode()
     def generate(self, segments: Sequence[Segment]) -> list[SegmentAudio]:
@@ -278,6 +287,7 @@ class XttsEngine:
             raise RuntimeError("generate() needs an idle engine: rows are running")
         rows = self._decode_rows(segments)
         wavs = self.vocode(rows)
+        self.release_memory()
         return [SegmentAudio(r.codes, w) for r, w in zip(rows, wavs, strict=True)]
 
     def _decode(self, segments: Sequence[Segment]) -> tuple[list[np.ndarray], list[torch.Tensor]]:
@@ -356,9 +366,28 @@ class XttsEngine:
         wavs = self._vocode([r.latents for r in rows], [r.segment.voice.speaker_embedding for r in rows],
                             [r.segment.params.speed for r in rows])  # fmt: skip
         self.last_vocoder_s = time.perf_counter() - started
+        return wavs
+
+    def row_vocoder(self, segment: Segment) -> RowVocoder:
+        """A row's incremental vocoder (batching.vocoder): its audio span by span, as its latents arrive."""
+        return RowVocoder(self.model.hifigan_decoder, segment.voice.speaker_embedding, segment.params.speed)
+
+    def latents_of(self, key) -> torch.Tensor:
+        """[tokens so far, width]: a running row's vocoder latents (a view: use it before the next step)."""
+        return self._running.latents(key)
+
+    def vocode_span(self, vocoder: RowVocoder, latents: torch.Tensor, final: bool, max_frames: int | None) -> np.ndarray:
+        """The next span of a row's audio (see RowVocoder.next_span)."""
+        started = time.perf_counter()
+        wav = vocoder.next_span(latents, final, max_frames)
+        self.last_vocoder_s = time.perf_counter() - started
+        return wav
+
+    def release_memory(self) -> None:
+        """Give freed heap pages back to the OS (CPU). Call when idle: after every vocoder call, the pages it
+        freed would have to be faulted in again by the next one."""
         if self.device.type == "cpu":
             _trim_heap()
-        return wavs
 
     def _prefix(self, segment: Segment) -> torch.Tensor:
         """[P, width]: conditioning latents, then start + text + stop token embeddings with their positions."""
@@ -437,23 +466,6 @@ def _remove_weight_norm(module: torch.nn.Module) -> None:
 
 
 _seed = row_seed  # stock.py
-
-
-def _sample(logits, temperature, top_k, top_p, u) -> torch.Tensor:
-    """Per-row temperature, top-k, top-p (in Hugging Face's order and rules), then inverse-CDF sampling."""
-    scores = logits / temperature
-    desc, _ = scores.sort(dim=-1, descending=True)
-    kth = desc.gather(1, top_k - 1)
-    scores = scores.masked_fill(scores < kth, -math.inf)
-    asc, asc_idx = scores.sort(dim=-1)
-    cum = asc.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[:, -1] = False
-    scores = scores.masked_fill(remove.scatter(1, asc_idx, remove), -math.inf)
-    probs = scores.softmax(dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return idx.clamp_(max=logits.shape[1] - 1)
 
 
 def _autocast_dtype(name: str, device) -> torch.dtype | None:

@@ -9,7 +9,10 @@
     ├── ModelNotLoadedError      the model could not be loaded at start (the seed's "XTTS V2 model is not loaded")
     ├── BatchError               one batch failed; the scheduler splits and retries it
     ├── OutOfMemoryError         a batch did not fit on the device; the scheduler halves it
-    └── FatalEngineError         the device is unusable (a CUDA error): the worker must exit
+    ├── FatalEngineError         the device is unusable (a CUDA error): the worker must exit
+    └── JobTimeoutError          a job outlasted its deadline (JOB_TIMEOUT_S): raised by the scheduler for a
+                                 request past its deadline, and by the server's handler for the whole job
+                                 (download, queue, generation and upload together); the one `job_timeout`
 """
 
 from __future__ import annotations
@@ -56,3 +59,10 @@ class OutOfMemoryError(BatchError):
 class FatalEngineError(EngineError):
     error_code = "fatal_engine_error"
     retryable = True  # this worker's GPU is gone; the same job runs on the worker RunPod starts instead
+
+
+class JobTimeoutError(EngineError):
+    """A job outlasted JOB_TIMEOUT_S. Retryable: the same job may finish on a less busy worker."""
+
+    error_code = "job_timeout"
+    retryable = True

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from batching import sampling
+
 # Per-row tensors: name -> padding value along dim 1 when two groups of rows are concatenated (None: no dim 1).
 _ROW_FIELDS = {
     "pos": None,  # audio tokens generated so far (the next token's audio position)
@@ -198,9 +200,7 @@ class RunningBatch:
         # Hugging Face's min_new_tokens: the stop token cannot come before a row's minimum length.
         logits[:, e.stop_audio] = logits[:, e.stop_audio].masked_fill(pos < t["min_new"], -math.inf)
         greedy = logits.argmax(-1)
-        from batching.engine import _sample  # looked up at each step: the sampler lives with the engine (tests spy on it)
-
-        sampled = _sample(logits, t["temperature"][:, None], t["top_k"][:, None], t["top_p"][:, None],
+        sampled = sampling.sample(logits, t["temperature"][:, None], t["top_k"][:, None], t["top_p"][:, None],
                           t["uniforms"][rows, pos])  # fmt: skip
         tok = torch.where(t["sample"], sampled, greedy)
 
@@ -223,6 +223,11 @@ class RunningBatch:
                                                 t["hidden"][i, :n].clone()))  # fmt: skip
             self._keep([i for i, d in enumerate(done_list) if not d])
         return StepOutput(keys, codes, finished)
+
+    def latents(self, key) -> torch.Tensor:
+        """[tokens so far, width]: the vocoder latents of a running row (a view into the batch's buffer)."""
+        i = self.keys.index(key)
+        return self.t["hidden"][i, : int(self.t["pos"][i])]
 
     # ---------------------------------------------------------------- leave
 

@@ -32,10 +32,11 @@ completion (engine.generate), then the next.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,16 +45,12 @@ import torch
 
 from batching import policy
 from batching.engine import SamplingParams, Segment, SegmentAudio, TextSegment, VoiceLatents, join_segments
-from batching.running import StepOutput
-from batching.errors import BatchError, EngineError, FatalEngineError, OutOfMemoryError
+from batching.running import StepOutput, row_seed
+from batching.streaming import AudioChunk, StreamJoiner
+from batching.errors import BatchError, EngineError, FatalEngineError, JobTimeoutError, OutOfMemoryError
 from batching.latents import LatentCache
 
 log = logging.getLogger(__name__)
-
-
-class JobTimeoutError(EngineError):
-    error_code = "job_timeout"
-    retryable = True
 
 
 class SchedulerClosedError(EngineError):
@@ -62,7 +59,7 @@ class SchedulerClosedError(EngineError):
 
 
 @dataclass(frozen=True)
-class SynthesisRequest:
+class SpeechRequest:
     text: str
     language: str
     voice_key: str  # changes when the reference audio changes (its content hash)
@@ -71,10 +68,11 @@ class SynthesisRequest:
     request_id: str = ""
     deadline: float | None = None  # on the scheduler's clock
     on_progress: Callable[[int, int], None] | None = None  # (segments done, segments total)
+    stream: bool = False  # give the audio out as it is made (Scheduler.stream); submit() ignores it
 
 
 @dataclass(frozen=True)
-class SynthesisResult:
+class SpeechResult:
     wav: np.ndarray
     sample_rate: int
     duration_s: float
@@ -97,10 +95,27 @@ class Observer:
     # Continuous scheduling: once per decoding step, and once per admission.
     def step_done(self, rows: int, seconds: float, kv_positions: int, kv_budget: int) -> None: ...
     def rows_admitted(self, count: int) -> None: ...
+    # Streamed requests: once per vocoded span, with the frames the vocoder ran on and those it gave out.
+    def span_vocoded(self, seconds: float, frames: int, given: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How a streamed request's audio is cut: a first span of `first_frames` vocoder frames (about 10.7 ms each
+    for XTTS), each next one twice as long, up to `max_frames`. Short first spans give the first audio early;
+    long later ones cost the vocoder fewer margins (batching.vocoder) and the caller fewer messages."""
+
+    first_frames: int = 47
+    max_frames: int = 750
+
+    def __post_init__(self):
+        if self.first_frames < 1 or self.max_frames < self.first_frames:
+            raise ValueError(f"stream spans must be 1 <= first <= max frames, got {self.first_frames}, "
+                             f"{self.max_frames}")  # fmt: skip
 
 
 class _Request:
-    def __init__(self, req: SynthesisRequest, segments: list[TextSegment], voice: VoiceLatents, now: float):
+    def __init__(self, req: SpeechRequest, segments: list[TextSegment], voice: VoiceLatents, now: float):
         self.req = req
         self.voice = voice
         self.texts = segments
@@ -112,6 +127,15 @@ class _Request:
         self.batch_sizes: list[int] = []
         self.conditioning_s = 0.0
         self.latent_hit = False
+        # Streamed requests (Scheduler.stream): chunks out through `chunks`, then the result or the error.
+        self.joiner: StreamJoiner | None = None
+        self.chunks: asyncio.Queue | None = None
+        self.vocoders: dict[int, object] = {}  # segment index -> its RowVocoder (engine thread objects)
+        self.span_frames = 0  # the next span's length for the current segment
+
+    @property
+    def streamed(self) -> bool:
+        return self.joiner is not None
 
     @property
     def finished(self) -> bool:
@@ -120,6 +144,8 @@ class _Request:
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+            if self.chunks is not None:
+                self.chunks.put_nowait(exc)
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,6 +153,7 @@ class _Row:
     request: _Request
     index: int
     order: int
+    seed: int  # the row's seed, drawn at submit when the request has none: a retried row gives the same audio
 
 
 class Scheduler:
@@ -142,6 +169,7 @@ class Scheduler:
         on_fatal: Callable[[BaseException], None] | None = None,
         scheduling: str = "continuous",
         max_batch_tokens: int = 0,
+        stream_settings: StreamSettings | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"MAX_BATCH_SIZE must be an integer >= 1, got {max_batch_size}")
@@ -158,6 +186,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.engine = engine
         self.latents = latents
+        self.stream_settings = stream_settings or StreamSettings()
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.clock = clock
@@ -178,7 +207,9 @@ class Scheduler:
         self._kv_cap = max_batch_tokens
         self._row_peak: dict[_Row, int] = {}  # the most rows a running row shared a step with
         self._retry: list[_Row] = []
-        self._oom_rows: set[_Row] = set()  # rows re-queued after an out-of-memory step  # rows of a failed step, to run again as static batches split in halves
+        self._tokens: dict[_Row, int] = {}  # running row -> tokens decoded (its latents so far)
+        self._vocoded = False  # the vocoder ran since the engine last gave memory back
+        self._oom_rows: set[_Row] = set()  # rows re-queued after an out-of-memory step
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -227,7 +258,34 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the handler-facing call
 
-    async def submit(self, req: SynthesisRequest) -> SynthesisResult:
+    async def submit(self, req: SpeechRequest) -> SpeechResult:
+        """The request's audio, whole, once its last segment is vocoded."""
+        request = await self._enqueue(req, stream=False)
+        try:
+            # shield: a cancelled caller must not cancel the future the scheduler resolves; it is dropped instead.
+            return await asyncio.shield(request.future)
+        except asyncio.CancelledError:
+            self._abandon(request)
+            raise
+
+    async def stream(self, req: SpeechRequest) -> AsyncIterator[AudioChunk | SpeechResult]:
+        """The request's audio as it is made: AudioChunks in order, then the SpeechResult (its `wav` is the
+        chunks joined). A failure is raised after the chunks given so far. Leaving the loop early (the caller
+        went away) drops the request: its rows leave the batch at the next step."""
+        request = await self._enqueue(req, stream=True)
+        try:
+            while True:
+                item = await request.chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, SpeechResult):
+                    return
+        finally:
+            if not request.future.done():
+                self._abandon(request)
+
+    async def _enqueue(self, req: SpeechRequest, *, stream: bool) -> _Request:
         if self._closed:
             raise SchedulerClosedError("the worker is shutting down; retry the job")
         segments = await asyncio.to_thread(self.engine.prepare_text, req.text, req.language)
@@ -236,25 +294,28 @@ class Scheduler:
         request = _Request(req, segments, voice, self.clock())
         request.latent_hit = hit
         request.conditioning_s = 0.0 if hit else time.perf_counter() - t0
+        if stream:
+            request.joiner = StreamJoiner(len(segments), self.engine.sample_rate)
+            request.chunks = asyncio.Queue()
+            request.span_frames = self.stream_settings.first_frames
         self.observer.conditioning_done(request.conditioning_s, hit)
         if self._closed:
             raise SchedulerClosedError("the worker is shutting down; retry the job")
         now = self.clock()
         for i, seg in enumerate(segments):
-            row = _Row(request, i, next(self._order))
+            row = _Row(request, i, next(self._order), row_seed(req.params.seed))
             positions = self.engine.reserve_positions(self._segment(row)) if self.continuous else 0
             self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order, positions)
         self.observer.queue_depth(len(self._waiting))
         self._wake.set()
-        try:
-            # shield: a cancelled caller must not cancel the future the scheduler resolves; it is dropped instead.
-            return await asyncio.shield(request.future)
-        except asyncio.CancelledError:
-            request.future.cancel()
-            self._drop(request)
-            raise
+        return request
 
-    async def _condition(self, req: SynthesisRequest) -> VoiceLatents:
+    def _abandon(self, request: _Request) -> None:
+        request.future.cancel()
+        self._drop(request)
+        self._wake.set()  # its running rows leave at the next step
+
+    async def _condition(self, req: SpeechRequest) -> VoiceLatents:
         wav, sr = await req.load_reference()
         return await self.run_on_engine(self.engine.condition, wav, sr)
 
@@ -343,7 +404,8 @@ class Scheduler:
             self._deliver(row, result, elapsed, len(rows))
 
     def _deliver(self, row: _Row, result: SegmentAudio, engine_s: float, batch_size: int) -> None:
-        """One segment's audio: checked, stored, progress reported, the request completed when it was the last."""
+        """One segment's whole audio: checked, stored (a streamed request's joiner gets what its spans have not
+        given yet), progress reported, the request completed when it was the last."""
         request = row.request
         if request.finished:
             return
@@ -351,6 +413,18 @@ class Scheduler:
             self.observer.rows_failed(1, BatchError("non-finite audio"))
             request.fail(BatchError("generation produced non-finite audio (NaN or inf) for this segment"))
             return
+        if request.streamed:
+            self._give(request, row.index, result.wav[request.joiner.received(row.index):], ended=True)
+            result = SegmentAudio(result.codes, np.zeros(0, dtype=np.float32))  # the joiner holds the audio
+        self._segment_done(row, result, engine_s, batch_size)
+
+    def _give(self, request: _Request, index: int, samples: np.ndarray, ended: bool) -> None:
+        chunk = request.joiner.add(index, samples, ended)
+        if chunk is not None:
+            request.chunks.put_nowait(chunk)
+
+    def _segment_done(self, row: _Row, result: SegmentAudio, engine_s: float, batch_size: int) -> None:
+        request = row.request
         request.engine_s += engine_s
         request.batch_sizes.append(batch_size)
         request.audio[row.index] = result
@@ -366,13 +440,19 @@ class Scheduler:
     @staticmethod
     def _segment(row: _Row) -> Segment:
         text = row.request.texts[row.index]
-        return Segment(text.tokens, len(text.text), row.request.voice, row.request.req.params)
+        params = row.request.req.params
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=row.seed)
+        return Segment(text.tokens, len(text.text), row.request.voice, params)
 
     def _complete(self, request: _Request) -> None:
-        wav = join_segments([a.wav for a in request.audio], self.engine.sample_rate)
+        if request.streamed:
+            wav = request.joiner.audio()  # exactly the chunks given out
+        else:
+            wav = join_segments([a.wav for a in request.audio], self.engine.sample_rate)
         sr = self.engine.sample_rate
         request.future.set_result(
-            SynthesisResult(
+            SpeechResult(
                 wav=wav,
                 sample_rate=sr,
                 duration_s=len(wav) / sr,
@@ -384,6 +464,8 @@ class Scheduler:
                 batch_sizes=tuple(request.batch_sizes),
             )
         )
+        if request.streamed:
+            request.chunks.put_nowait(request.future.result())
 
     # ---------------------------------------------------------------- the continuous loop
 
@@ -422,25 +504,35 @@ class Scheduler:
                 self.observer.queue_depth(len(self._waiting))
             if not self._running and not self._finished and not gone:
                 if isinstance(decision, policy.Idle):
+                    if self._vocoded and hasattr(self.engine, "release_memory"):
+                        self._vocoded = False
+                        await self.run_on_engine(self.engine.release_memory)
+                        continue  # the world may have changed while the engine thread trimmed
                     await self._sleep(None)
                 elif isinstance(decision, policy.WaitUntil):
                     await self._sleep(max(0.0, decision.deadline - self.clock()))
                 continue
             now = self.clock()
             for row in admit:
+                self._tokens[row] = 0
                 if row.request.first_batch_at is None:
                     row.request.first_batch_at = now
+            for row in gone:
+                self._tokens.pop(row, None)
             if admit:
                 self.observer.rows_admitted(len(admit))
-            picked = self._pick_vocode()
-            newest = max((self._finished[row][1] for row in picked), default=-1)
+            picked, spans = self._pick_vocoder_work()
+            newest = max([self._finished[row][1] for row in picked]
+                         + [_RUNNING_ORDER if s.finished is None else self._finished[s.row][1] for s in spans],
+                         default=-1)  # fmt: skip
             vocode = {row: self._finished.pop(row)[0] for row in picked}
             for row, (f, order, passed, solo) in list(self._finished.items()):
                 if order < newest:  # overtaken by a row that finished after it
                     self._finished[row] = (f, order, passed + 1, solo)
             self._busy = True
+            self._vocoded = self._vocoded or bool(vocode or spans)
             try:
-                tick = await self.run_on_engine(self._tick, gone, admit, list(vocode.values()))
+                tick = await self.run_on_engine(self._tick, gone, admit, list(vocode.values()), spans)
                 self._after_tick(tick, vocode)
                 if self._retry:
                     rows, self._retry = self._retry, []
@@ -452,20 +544,65 @@ class Scheduler:
             finally:
                 self._busy = False
 
-    def _pick_vocode(self) -> list[_Row]:
-        """The finished rows the vocoder takes in this tick: one (the shortest first) on the CPU, where the
-        vocoder runs between steps; every pending row in one batch where the engine vocodes in batches."""
-        if not self._finished:
-            return []
-        if getattr(self.engine, "vocoder_batched", False):
-            return [r for r, (_, _, _, solo) in self._finished.items() if not solo] or [next(iter(self._finished))]
-        pending = [policy.Finished(row, len(f.codes), order, passed)
-                   for row, (f, order, passed, _) in self._finished.items()]  # fmt: skip
-        key = policy.next_vocode(pending)
-        return [key] if key is not None else []
+    def _pick_vocoder_work(self) -> tuple[list[_Row], list[_Span]]:
+        """What the vocoder does in this tick: finished rows to vocode whole, and spans of streamed rows.
 
-    def _tick(self, gone: list[_Row], admit: list[_Row], vocode: list) -> _Tick:
-        """On the engine thread: evict, admit, one step, then vocode the chosen finished rows."""
+        On the CPU, where the vocoder runs between steps, one piece of work per tick: first the first span of a
+        streamed request that has given out nothing yet (the oldest request first: time to first audio); then,
+        shortest first (policy.next_vocode), a finished row or the next span of a streamed request's current
+        segment. Where the engine vocodes in batches (CUDA), every pending finished row in one batch, and one span.
+        """
+        whole = {r: v for r, v in self._finished.items() if not r.request.streamed}
+        spans = self._span_candidates()
+        first = [c for c in spans if c.first]
+        if first:
+            return [], [min(first, key=lambda c: c.row.order)]
+        if getattr(self.engine, "vocoder_batched", False):
+            rows = [r for r, (_, _, _, solo) in whole.items() if not solo] or list(whole)[:1]
+            pending = [policy.Finished(c, c.frames, _RUNNING_ORDER if c.finished is None else
+                                       self._finished[c.row][1], 0) for c in spans]  # fmt: skip
+            key = policy.next_vocode(pending)
+            return rows, [key] if key is not None else []
+        pending = [policy.Finished(row, _frames_estimate(len(f.codes), row.request.req.params.speed), order, passed)
+                   for row, (f, order, passed, _) in whole.items()]  # fmt: skip
+        for c in spans:
+            order, passed = (_RUNNING_ORDER, 0) if c.finished is None else self._finished[c.row][1:3]
+            pending.append(policy.Finished(c, c.frames, order, passed))
+        key = policy.next_vocode(pending)
+        if key is None:
+            return [], []
+        return ([], [key]) if isinstance(key, _Span) else ([key], [])
+
+    def _span_candidates(self) -> list[_Span]:
+        """Spans of streamed rows the vocoder could take now: the current segment's next span (once that many
+        frames are settled, or its row finished), and any finished later segment whole."""
+        out = []
+        rows = [r for r in self._running if r.request.streamed] + [r for r in self._finished if r.request.streamed]
+        for row in rows:
+            request = row.request
+            if request.finished:
+                continue
+            current = row.index == request.joiner.current
+            finished = self._finished[row][0] if row in self._finished else None
+            if finished is None and not current:
+                continue
+            vocoder = request.vocoders.get(row.index)
+            if vocoder is None:
+                vocoder = request.vocoders[row.index] = self.engine.row_vocoder(self._segment(row))
+            limit = request.span_frames if current else None
+            if finished is not None:
+                ready = vocoder.ready(len(finished.latents), final=True)
+                frames = ready if limit is None else min(ready, limit)
+            else:
+                ready = vocoder.ready(self._tokens.get(row, 0), final=False)
+                if ready < limit:
+                    continue
+                frames = limit
+            out.append(_Span(row, vocoder, finished, limit, frames, current and request.joiner.given == 0))
+        return out
+
+    def _tick(self, gone: list[_Row], admit: list[_Row], vocode: list, spans: list[_Span]) -> _Tick:
+        """On the engine thread: evict, admit, one step, then vocode the chosen finished rows and spans."""
         engine, tick = self.engine, _Tick()
         if gone:
             engine.evict(gone)
@@ -488,6 +625,23 @@ class Scheduler:
                     raise BatchError(f"engine returned {len(tick.wavs)} waveforms for {len(vocode)} rows")
             except Exception as exc:
                 tick.vocode_error = exc
+        finished_now = {f.key: f for f in tick.step.finished} if tick.step is not None else {}
+        for job in spans:
+            t0 = time.perf_counter()
+            before = job.vocoder.vocoded
+            try:
+                f = job.finished or finished_now.get(job.row)
+                if f is not None:
+                    latents, final = f.latents, True
+                elif job.row in engine.running:
+                    latents, final = engine.latents_of(job.row), False
+                else:  # evicted, or its step failed: nothing to vocode
+                    continue
+                wav = engine.vocode_span(job.vocoder, latents, final, job.max_frames)
+                done = final and job.vocoder.done(len(latents))
+                tick.spans.append((job, wav, None, time.perf_counter() - t0, job.vocoder.vocoded - before, done))
+            except Exception as exc:
+                tick.spans.append((job, None, exc, time.perf_counter() - t0, 0, False))
         tick.kv_positions = engine.kv_positions
         return tick
 
@@ -500,9 +654,11 @@ class Scheduler:
                 request.engine_s += tick.step_s
             for row in out.keys:
                 self._row_peak[row] = max(self._row_peak.get(row, 0), rows)
+                self._tokens[row] = self._tokens.get(row, 0) + 1
             for f in out.finished:
                 row = f.key
                 self._running.pop(row, None)
+                self._tokens.pop(row, None)
                 if not row.request.finished:
                     self._finished[row] = (f, next(self._finish_order), 0, False)
                 else:
@@ -518,6 +674,37 @@ class Scheduler:
                 for (row, f), wav in zip(vocode.items(), tick.wavs, strict=True):
                     row.request.engine_s += tick.vocode_s / len(vocode)
                     self._deliver(row, SegmentAudio(f.codes, wav), 0.0, self._row_peak.pop(row, 1))
+        for job, wav, error, seconds, work, done in tick.spans:
+            self._span_done(job, wav, error, seconds, work, done)
+
+    def _span_done(self, job: _Span, wav, error, seconds: float, work: int, done: bool) -> None:
+        row, request = job.row, job.row.request
+        if request.finished:
+            return
+        if error is not None:
+            error = _classify(error)
+            if isinstance(error, FatalEngineError):
+                self._fatal(error, [row])
+                return
+            log.warning("request %s: segment %d failed in the vocoder: %s", request.req.request_id, row.index,
+                        error)  # fmt: skip
+            self.observer.rows_failed(1, error)
+            request.fail(error)
+            return
+        if not np.isfinite(wav).all():
+            self.observer.rows_failed(1, BatchError("non-finite audio"))
+            request.fail(BatchError("generation produced non-finite audio (NaN or inf) for this segment"))
+            return
+        self.observer.vocoder_done(seconds)
+        self.observer.span_vocoded(seconds, work, len(wav))
+        request.engine_s += seconds
+        if job.max_frames is not None:  # the current segment's span: the next one is longer
+            request.span_frames = min(2 * request.span_frames, self.stream_settings.max_frames)
+        self._give(request, row.index, wav, ended=done)
+        if done:
+            f = self._finished.pop(row)[0]
+            self._segment_done(row, SegmentAudio(f.codes, np.zeros(0, dtype=np.float32)), 0.0,
+                               self._row_peak.pop(row, 1))  # fmt: skip
 
     def _step_failed(self, exc: BaseException, rows: list[_Row]) -> None:
         error = _classify(exc)
@@ -600,6 +787,29 @@ class _Tick:
     vocode_s: float = 0.0
     vocode_error: BaseException | None = None
     kv_positions: int = 0
+    spans: list = field(default_factory=list)  # (span, samples, error, seconds, frames vocoded, row done)
+
+
+# A span of a row still decoding counts as finishing after every row that has finished (policy.next_vocode).
+_RUNNING_ORDER = 1 << 62
+
+
+@dataclass(frozen=True, eq=False)
+class _Span:
+    """A span of a streamed row for the vocoder: of a row still decoding when `finished` is None."""
+
+    row: _Row
+    vocoder: object  # batching.vocoder.RowVocoder
+    finished: object | None  # batching.running.FinishedRow
+    max_frames: int | None  # None: the rest of the row (a later segment, vocoded whole)
+    frames: int  # about how many frames it gives (the policy's length)
+    first: bool  # it gives its request's first audio
+
+
+def _frames_estimate(tokens: int, speed: float) -> int:
+    """About how many vocoder frames a row of `tokens` audio tokens gives (XTTS: 1024 samples per token at
+    22050 Hz, 256 per frame at 24000 Hz), to compare whole rows with spans."""
+    return round(tokens * 4 * 24000 / 22050 / max(speed, 0.05))
 
 
 def _classify(exc: BaseException) -> EngineError:

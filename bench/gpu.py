@@ -10,7 +10,7 @@ order they run:
    waveforms' largest difference (TF32 off for this section);
 2. throughput: the seed's path (conditioning from the file + stock `Xtts.inference`, one request at a time) and the
    batched engine (cached latents, the engine's default precision) at each batch size, in ABBA order, reusing
-   bench/engine.py's paths: audio-seconds per second, the ratio to the seed, the vocoder's share, the peak GPU
+   bench/engine_bench.py's paths: audio-seconds per second, the ratio to the seed, the vocoder's share, the peak GPU
    memory of each point. Static batches: continuous batching has not landed. It leaves LATER_SECTIONS_S seconds
    of the budget to the next two;
 3. vocoder: batched HiFi-GAN (one padded call) against one row at a time, on the same decoded latents;
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import engine as engine_bench
+from bench import engine_bench
+from testing.stock_reference import stock_inference
 
 KIT_VERSION = 1
 SECTIONS = ("equivalence", "throughput", "vocoder", "half_precision", "recommendation")
@@ -49,7 +50,7 @@ LATER_SECTIONS_S = 60.0
 THROUGHPUT_SHARE = 0.90  # the smallest batch reaching this share of the best measured throughput ...
 MEMORY_MARGIN = 2.0  # ... whose memory above the loaded model, times this, still fits the card
 VOCODER_GAIN = 0.95  # batched vocoding is recommended when it takes at most this share of per-row time
-# Texts of bench/engine.py short enough for a quick CPU dry run (--short).
+# Texts of bench/engine_bench.py short enough for a quick CPU dry run (--short).
 SHORT_CHARS = 40
 
 
@@ -140,51 +141,12 @@ def _soundfile_reference_loader():
 
 
 def make_requests(n: int, voices: int, seed: int, short: bool) -> list:
-    """bench/engine.py's request mix (its texts, its rule), optionally only its short texts."""
+    """bench/engine_bench.py's request mix (its texts, its rule), optionally only its short texts."""
     if not short:
         return engine_bench.make_requests(n, voices, seed)
     texts = [t for t in engine_bench.TEXTS if len(t[0]) <= SHORT_CHARS]
     rng = random.Random(seed)
     return [engine_bench.Request(*rng.choice(texts), voice=i % voices, seed=rng.randrange(1 << 31)) for i in range(n)]
-
-
-def write_voices(folder: Path, voices: int, seconds: float) -> list[Path]:
-    """bench/engine.py's reference voices (the same synthetic voices), of `seconds` each."""
-    import soundfile as sf
-
-    from bench.voices import synthetic_voice
-
-    paths = []
-    for i in range(voices):
-        path = folder / f"voice{i}.wav"
-        sf.write(path, synthetic_voice(seconds, f0=100 + 37 * i, seed=i), 22050)
-        paths.append(path)
-    return paths
-
-
-def stock_inference(stock, text: str, language: str, voice, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Stock `Xtts.inference` with the demo length rule (when a demo model); returns (codes, wav)."""
-    model = stock.model
-    if stock.length_rule is not None:
-        n = stock.demo_length(len(text))
-        kwargs.update(min_new_tokens=n, max_new_tokens=n)
-    captured = []
-    generate = model.gpt.generate
-
-    def capture(*args, **kw):
-        codes = generate(*args, **kw)
-        captured.append(codes[0].cpu().numpy())
-        return codes
-
-    model.gpt.generate = capture
-    try:
-        out = model.inference(text, language, voice.gpt_cond_latent.to(stock.device),
-                              voice.speaker_embedding.to(stock.device), enable_text_splitting=False,
-                              **kwargs)  # fmt: skip
-    finally:
-        del model.gpt.generate
-    (codes,) = captured
-    return codes.astype(np.int64), np.asarray(out["wav"], dtype=np.float32)
 
 
 def _rel_rms(a: np.ndarray, b: np.ndarray) -> float:
@@ -621,7 +583,7 @@ def run(args) -> dict:
     from batching.engine import LengthRule, XttsEngine
     from batching.loading import resolve_device
     from batching.stock import StockEngine
-    from bench.voices import demo_checkpoint
+    from testing.voices import demo_checkpoint
 
     ctx.device = resolve_device(args.device)
     report["environment"] = environment(ctx.device)
@@ -647,7 +609,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         import soundfile as sf
 
-        ctx.refs = write_voices(Path(tmp), args.voices, args.ref_seconds)
+        ctx.refs = engine_bench.write_voices(Path(tmp), args.voices, args.ref_seconds)
         t0 = time.perf_counter()
         ctx.latents = [ctx.engine.condition(sf.read(p, dtype="float32")[0], 22050) for p in ctx.refs]
         report["setup"]["conditioning_s_per_voice"] = (time.perf_counter() - t0) / len(ctx.refs)

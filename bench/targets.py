@@ -1,6 +1,6 @@
 """Where the load goes, and what is watched while it runs.
 
-- `LocalTarget`: jobs are queued on a FakeRunPod (bench.runpod_fake) that a real worker process (`python -m
+- `LocalTarget`: jobs are queued on a FakeRunPod (testing.runpod_fake) that a real worker process (`python -m
   server` in RunPod's production mode) takes them from; latency is from enqueue to the worker's result POST.
 - `EndpointTarget`: a RunPod endpoint over HTTP: `/run` then `/status/{id}` until the job ends, or `/runsync`.
   Works against api.runpod.ai and against the SDK's local test API (`python -m server --rp_serve_api`), whose
@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bench.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeRunPod
 from bench.stats import Snapshot
 from bench.workload import JobSpec
+from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeRunPod
 
 log = logging.getLogger("bench")
 

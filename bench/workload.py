@@ -10,6 +10,8 @@ order, on any machine, so two runs (and the two configurations of one run) offer
 - Languages: a weighted mix (default weighted toward Portuguese, the seed's default language).
 - Each job carries its own sampling seed, so a job's audio does not depend on what it is batched with.
 - Open loop: Poisson arrivals (exponential gaps) at a given rate, from the same seed.
+- Load points: a closed-loop concurrency or an open-loop rate, each with its own seeded job stream (`plan_points`),
+  plus the unmeasured warm-up jobs on a voice outside the workload (`warmup_jobs`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 # --------------------------------------------------------------------------------------------- text corpus
 # Short replies (a chat or IVR turn) and single sentences (a notice, an answer) per language. Paragraphs are
@@ -273,3 +276,48 @@ def describe(jobs: Sequence[JobSpec]) -> dict[str, Any]:
         "voice_counts": {str(k): v for k, v in sorted(voices.items())},
     }
 
+
+def split_gs_url(url: str) -> tuple[str, str]:
+    """`gs://bucket/object` -> (bucket, object); ValueError for anything else."""
+    parts = urlsplit(url)
+    if parts.scheme != "gs" or not parts.netloc or not parts.path.strip("/"):
+        raise ValueError(f"want gs://bucket/object, got {url!r}")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+# ------------------------------------------------------------------------------------------- load points
+
+
+@dataclass
+class PointPlan:
+    mode: str  # "closed" | "open" | "soak"
+    jobs: list[JobSpec]
+    concurrency: int | None = None
+    rate: float | None = None  # jobs/s, open loop
+    arrivals: list[float] | None = None
+
+    @property
+    def label(self) -> str:
+        if self.mode == "open":
+            return f"open@{self.rate:g}/s"
+        return f"{self.mode}@c{self.concurrency}"
+
+
+def plan_points(spec: WorkloadSpec, jobs_per_point: int, concurrencies: Sequence[int],
+                rates: Sequence[float]) -> list[PointPlan]:  # fmt: skip
+    """The load points of a run, each with its own seeded job stream (the same for every configuration).
+
+    A closed-loop point gets at least `concurrency` jobs: with fewer, its clients could never all be busy."""
+    points = [PointPlan("closed", make_jobs(spec, max(jobs_per_point, c), f"closed-c{c}"), concurrency=c)
+              for c in concurrencies]  # fmt: skip
+    for r in rates:
+        points.append(PointPlan("open", make_jobs(spec, jobs_per_point, f"open-r{r:g}"), rate=r,
+                                arrivals=poisson_arrivals(jobs_per_point, r, spec.seed, f"arrivals-r{r:g}")))
+    return points
+
+
+def warmup_jobs(count: int, warm_voice: int) -> list[JobSpec]:
+    """Short jobs on a voice outside the workload, so they warm the worker without touching its caches' counts
+    for the measured voices."""
+    texts = [(REPLIES["pt"][1], "pt"), (REPLIES["en"][1], "en")]
+    return [JobSpec(10_000 + i, *texts[i % 2], warm_voice, "reply", 1000 + i) for i in range(count)]

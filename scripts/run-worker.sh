@@ -26,7 +26,7 @@ export LATENT_CACHE_DIR="${LATENT_CACHE_DIR:-$root/.cache/latent_cache}"
 ref="$LOCAL_STORAGE_DIR/$GCS_BUCKET_NAME/referencias/voz_joao.wav"
 if [ ! -f "$ref" ]; then
   mkdir -p "$(dirname "$ref")"
-  "$py" -c "import sys, soundfile as sf; from bench.voices import synthetic_voice; sf.write(sys.argv[1], synthetic_voice(6.0), 22050)" "$ref"
+  "$py" -c "import sys, soundfile as sf; from testing.voices import synthetic_voice; sf.write(sys.argv[1], synthetic_voice(6.0), 22050)" "$ref"
 fi
 
 if [ $# -eq 0 ]; then

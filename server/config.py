@@ -1,9 +1,11 @@
 """The worker's configuration: ONE frozen object, built once from the environment, passed down.
 
-Every variable is read and validated here and nowhere else. A bad value stops the worker at start with a message
-that names the variable and the value (`MAX_CONCURRENCY must be an integer >= 1, got '0'`). An empty value counts
-as unset (RunPod's console keeps empty rows). Storage variables belong to `storage.config.StorageConfig`, which
-`from_env` builds too, so the whole worker has one configuration object.
+Every variable is read and validated here and nowhere else, through `storage.env.EnvReader`, the reader storage's
+variables go through too (one set of rules: an empty value counts as unset, as RunPod's console keeps empty rows;
+integers are plain decimal, `1_000` is refused; numbers are finite; LATENT_CACHE_DIR alone gives the empty value a
+meaning: off). A bad value stops the worker at start with a message that names the variable and the value
+(`MAX_CONCURRENCY must be an integer >= 1, got '0'`). Storage variables belong to `storage.config.StorageConfig`,
+which `from_env` builds too, so the whole worker has one configuration object.
 
 Variables read here (defaults in brackets):
 
@@ -40,20 +42,21 @@ Variables read here (defaults in brackets):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
+from batching.loading import RELEASED_MODELS
+from storage.audio import DEFAULT_MIN_LEVEL_DBFS, SUPPORTED_OUTPUT_FORMATS
+from storage.env import EnvReader
+
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 GPT_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
 ENGINES: tuple[str, ...] = ("batched", "stock")
 SCHEDULINGS: tuple[str, ...] = ("continuous", "static")
-# batching.loading.RELEASED_MODELS holds the same names; it is not imported here because it pulls in torch.
-RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
+RELEASED_MODEL_NAMES: tuple[str, ...] = tuple(RELEASED_MODELS)
 
 # Why MAX_CONCURRENCY defaults to 4x MAX_BATCH_SIZE: the RunPod SDK (runpod 1.12, JobScaler.get_jobs) takes new
 # jobs only while fewer than `concurrency` are in flight, and when every slot is busy it sleeps a full second
@@ -63,8 +66,7 @@ RELEASED_MODEL_NAMES: tuple[str, ...] = ("xtts_v2",)
 # slots in the background; the jobs merely waiting cost only memory (their text and a future).
 DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_CONCURRENCY = 32
-# storage.audio.DEFAULT_MIN_LEVEL_DBFS holds the same value; not imported here (storage.audio pulls in numpy).
-DEFAULT_REF_MIN_LEVEL_DBFS = -50.0
+DEFAULT_REF_MIN_LEVEL_DBFS = DEFAULT_MIN_LEVEL_DBFS  # the decoder's own default: one value
 
 
 class ConfigError(ValueError):
@@ -74,60 +76,7 @@ class ConfigError(ValueError):
     retryable = False
 
 
-def _shown(value: str) -> str:
-    """The bad value as it goes into a message: quoted, and cut short so a pasted blob cannot flood the log."""
-    return repr(value if len(value) <= 80 else value[:77] + "...")
-
-
-class _Reader:
-    """Reads and checks one variable at a time; empty values count as unset."""
-
-    def __init__(self, env: Mapping[str, str]):
-        self._env = env
-
-    def raw(self, name: str) -> str | None:
-        value = self._env.get(name)
-        if value is None or not str(value).strip():
-            return None
-        return str(value).strip()
-
-    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        rule = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
-        try:
-            number = int(value, 10)
-        except ValueError:
-            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}") from None
-        if number < minimum or (maximum is not None and number > maximum):
-            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}")
-        return number
-
-    def number(self, name: str, default: float, *, minimum: float, exclusive: bool = False) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        rule = f"a number {'>' if exclusive else '>='} {minimum:g}"
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}") from None
-        if not math.isfinite(number) or number < minimum or (exclusive and number == minimum):
-            raise ConfigError(f"{name} must be {rule}, got {_shown(value)}")
-        return number
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool = False) -> str:
-        value = self.raw(name)
-        if value is None:
-            return default
-        canonical = value.upper() if upper else value.lower()
-        if canonical not in choices:
-            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {_shown(value)}")
-        return canonical
-
-
-def _device(reader: _Reader) -> str:
+def _device(reader: EnvReader) -> str:
     value = reader.raw("XTTS_DEVICE")
     if value is None:
         return "auto"
@@ -136,10 +85,10 @@ def _device(reader: _Reader) -> str:
         return canonical
     if canonical.startswith("cuda:") and canonical[5:].isdigit():
         return canonical
-    raise ConfigError(f"XTTS_DEVICE must be one of cuda, cuda:N, cpu, auto, got {_shown(value)}")
+    reader.fail("XTTS_DEVICE", "one of cuda, cuda:N, cpu, auto", value)
 
 
-def _language(reader: _Reader) -> str:
+def _language(reader: EnvReader) -> str:
     from batching.languages import SUPPORTED_LANGUAGES, normalize_language
 
     value = reader.raw("DEFAULT_LANGUAGE")
@@ -148,27 +97,20 @@ def _language(reader: _Reader) -> str:
     try:
         return normalize_language(value)
     except Exception:  # batching's UnsupportedLanguageError: restate it in the variable's terms
-        raise ConfigError(
-            f"DEFAULT_LANGUAGE must be one of {', '.join(SUPPORTED_LANGUAGES)}, got {_shown(value)}"
-        ) from None
+        reader.fail("DEFAULT_LANGUAGE", f"one of {', '.join(SUPPORTED_LANGUAGES)}", value)
 
 
-def _ref_min_level(reader: _Reader) -> float | None:
+def _ref_min_level(reader: EnvReader) -> float | None:
     value = reader.raw("REF_MIN_LEVEL_DBFS")
     if value is None:
         return DEFAULT_REF_MIN_LEVEL_DBFS
     if value.lower() == "off":
         return None
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and -200.0 <= number <= 0.0):
-        raise ConfigError(f"REF_MIN_LEVEL_DBFS must be a number from -200 to 0 (dBFS) or off, got {_shown(value)}")
-    return number
+    return reader.number("REF_MIN_LEVEL_DBFS", DEFAULT_REF_MIN_LEVEL_DBFS, minimum=-200.0, maximum=0.0,
+                         rule="a number from -200 to 0 (dBFS) or off")
 
 
-def _log_level(reader: _Reader) -> str:
+def _log_level(reader: EnvReader) -> str:
     value = reader.raw("LOG_LEVEL")
     if value is not None and value.upper() == "WARN":
         return "WARNING"
@@ -223,10 +165,10 @@ class WorkerConfig:
 
         `storage_from_env` replaces `storage.config.StorageConfig.from_env` (tests of the server side only).
         """
-        read = _Reader(env)
+        read = EnvReader(env, ConfigError)
         model = read.raw("XTTS_MODEL") or "xtts_v2"
         if model not in RELEASED_MODEL_NAMES:
-            raise ConfigError(f"XTTS_MODEL must be one of {', '.join(RELEASED_MODEL_NAMES)}, got {_shown(model)}")
+            read.fail("XTTS_MODEL", f"one of {', '.join(RELEASED_MODEL_NAMES)}", model)
         config = cls(
             model_dir=read.raw("XTTS_MODEL_DIR"),
             model=model,
@@ -248,7 +190,7 @@ class WorkerConfig:
             metrics_port=read.integer("METRICS_PORT", 9090, minimum=0, maximum=65535),
             log_level=_log_level(read),
             default_language=_language(read),
-            default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", OUTPUT_FORMATS),
+            default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", SUPPORTED_OUTPUT_FORMATS),
             ref_min_level_dbfs=_ref_min_level(read),
         )
         storage = (storage_from_env or _storage_from_env)(env)

@@ -5,6 +5,10 @@
     URL (storage.store_result) -> {"audio_url", "duration", "voice_id", "language", "generation_time",
     "parameters", ...}
 
+The handler depends on what it calls, not on those classes: `HandlerContext` types its three seams as protocols
+(`ResultStore` from storage.results, `ReferenceSource` and `SpeechScheduler` below), which the real classes and
+the tests' stand-ins both satisfy.
+
 Every failure becomes `{"error", "error_code"[, "retryable"]}` through `server.validation.error_output`, the one
 place that does so; the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout) arrives here as a
 CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU time.
@@ -19,28 +23,52 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from batching import InputError, SamplingParams, SynthesisRequest, SynthesisResult
+from batching import InputError, SamplingParams, SpeechRequest
+from batching.errors import JobTimeoutError
 from server.config import WorkerConfig
 from server.metrics import Metrics
 from server.validation import TTSRequest, ValidationError, error_output, validate_request
 from storage import StorageInputError, decode_reference_async, encode_async, store_result
-from storage.cache import CachedReference
 from storage.errors import InvalidAudioError
 from storage.urls import redact_url
+
+if TYPE_CHECKING:
+    from batching import SpeechResult
+    from storage.cache import CachedReference
+    from storage.results import ResultStore
 
 log = logging.getLogger("server.handler")
 
 TEXT_PREVIEW_CHARS = 60
 
 
-class JobTimeoutError(Exception):
-    """The whole job outlasted JOB_TIMEOUT_S (download, queue, generation and upload together)."""
+class ReferenceSource(Protocol):
+    """Reference audio by voice_id and URL, as a file on disk (storage.ReferenceCache)."""
 
-    error_code = "job_timeout"
-    retryable = True
+    def use(self, voice_id: str, url: str) -> AbstractAsyncContextManager[CachedReference]:
+        """The reference's file, found or fetched, kept (pinned) until the block ends."""
+        ...
+
+    def discard(self, voice_id: str, url: str) -> bool:
+        """Forget the entry (a file that did not decode), so the next job fetches it afresh."""
+        ...
+
+    @property
+    def bytes(self) -> int:
+        """Bytes held on disk (a metric)."""
+        ...
+
+
+class SpeechScheduler(Protocol):
+    """The GPU side (batching.Scheduler): a request in, its audio out; deadlines are on its `clock`."""
+
+    clock: Callable[[], float]
+
+    async def submit(self, request: SpeechRequest) -> SpeechResult: ...
 
 
 @dataclass
@@ -48,9 +76,9 @@ class HandlerContext:
     """What a handler needs, built once by `python -m server` after the engine is loaded and warm."""
 
     config: WorkerConfig
-    storage: Any  # storage.Storage
-    references: Any  # storage.ReferenceCache
-    scheduler: Any  # batching.Scheduler (submit + clock)
+    storage: ResultStore  # where results go (storage.Storage)
+    references: ReferenceSource  # storage.ReferenceCache
+    scheduler: SpeechScheduler  # batching.Scheduler
     metrics: Metrics | None
     reference_sample_rate: int  # the engine's input rate (XTTS: 22050 Hz)
     max_reference_s: float  # the engine uses at most this much of a reference (XTTS: max_ref_len, 30 s)
@@ -178,11 +206,12 @@ class TTSHandler:
 
     async def _synthesize(
         self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
-    ) -> tuple[CachedReference, SynthesisResult, float]:
+    ) -> tuple[CachedReference, SpeechResult, float]:
         """Find or fetch the reference, then hand the job to the scheduler: (reference, result, seconds it took).
 
-        The reference stays pinned until the scheduler has the voice, so a full cache cannot evict the file
-        before it is decoded. A file that does not decode is dropped from the cache: it is fetched afresh next time.
+        The reference stays pinned for the whole synthesis (the `use()` block spans `submit`), so a full cache
+        cannot evict the file before the scheduler decodes it, which it does only when the voice's latents are not
+        cached. A file that does not decode is dropped from the cache: it is fetched afresh next time.
         """
         ctx = self.ctx
         t0 = ctx.clock()
@@ -191,7 +220,7 @@ class TTSHandler:
                 self._note_reference(job_id, jlog, request.voice_id, reference, ctx.clock() - t0)
                 jlog.info("[%s] generating audio with XTTS v2...", job_id)
                 t0 = ctx.clock()
-                result = await ctx.scheduler.submit(self._synthesis_request(job_id, request, reference, started, job))
+                result = await ctx.scheduler.submit(self._speech_request(job_id, request, reference, started, job))
                 return reference, result, ctx.clock() - t0
         except InvalidAudioError:
             ctx.references.discard(request.voice_id, request.ref_audio_url)
@@ -211,9 +240,9 @@ class TTSHandler:
         else:
             jlog.info("[%s] reference audio downloaded: %d bytes in %.2f s", job_id, reference.size, download_s)
 
-    def _synthesis_request(
+    def _speech_request(
         self, job_id: str, request: TTSRequest, reference: CachedReference, started: float, job: dict
-    ) -> SynthesisRequest:
+    ) -> SpeechRequest:
         ctx = self.ctx
 
         async def load_reference():
@@ -223,7 +252,7 @@ class TTSHandler:
             return wav, ctx.reference_sample_rate
 
         remaining_s = ctx.config.job_timeout_s - (ctx.clock() - started)
-        return SynthesisRequest(
+        return SpeechRequest(
             text=request.gen_text,
             language=request.language,
             voice_key=reference.sha256[:64],  # the content, not the name: a new recording means new latents

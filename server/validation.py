@@ -6,7 +6,8 @@ Input contract (the seed's payload, checked strictly):
 
     gen_text            str, required; stripped; not empty; at most MAX_TEXT_CHARS characters
     ref_audio_url       str, required; not empty (which URLs are allowed is storage's decision)
-    voice_id            str, required; 1..128 characters of [A-Za-z0-9._-]; not "." or ".."
+    voice_id            str, required; 1..128 letters, digits, '.', '_' or '-', starting with a letter or digit
+                        (storage.urls.validate_voice_id: the one definition, message included)
     language            str, default DEFAULT_LANGUAGE; one of batching.languages.SUPPORTED_LANGUAGES, any case
     temperature         number 0.1..1.0, default 0.7
     speed               number 0.5..2.0, default 1.0
@@ -14,7 +15,8 @@ Input contract (the seed's payload, checked strictly):
     top_p               number, 0 < top_p <= 1, default 0.85
     repetition_penalty  number 1.0..20.0, default 5.0
     seed                integer 0..2**63-1, or null (random), default null
-    output_format       wav | flac | ogg | mp3 (any case), default DEFAULT_OUTPUT_FORMAT
+    output_format       wav | flac | ogg | mp3 (any case; storage.audio.SUPPORTED_OUTPUT_FORMATS), default
+                        DEFAULT_OUTPUT_FORMAT
 
 Decisions:
 - Unknown fields are errors (a typo such as `temprature` must not be silently ignored).
@@ -37,11 +39,12 @@ from typing import Any
 
 from batching.languages import SUPPORTED_LANGUAGES, normalize_language
 from server.errors import CODE_PATTERN, format_error
+from storage.audio import SUPPORTED_OUTPUT_FORMATS
+from storage.errors import InvalidVoiceIdError
+from storage.urls import validate_voice_id
 
-OUTPUT_FORMATS: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
-VOICE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 KNOWN_FIELDS = frozenset(
     {
@@ -175,14 +178,10 @@ def _voice_id(data: Mapping[str, Any]) -> str:
         raise ValidationError(
             f"voice_id must be a string, got {_describe(value)}", error_code="invalid_type", field="voice_id"
         )
-    if not VOICE_ID_PATTERN.fullmatch(value) or value in (".", ".."):
-        raise ValidationError(
-            "voice_id must be 1 to 128 characters of letters, digits, '.', '_' or '-' (and not '.' or '..'), "
-            f"got {_short(value)}",
-            error_code="invalid_voice_id",
-            field="voice_id",
-        )
-    return value
+    try:
+        return validate_voice_id(value)  # storage's rule and message: the one definition of a voice_id
+    except InvalidVoiceIdError as exc:
+        raise ValidationError(str(exc), error_code=exc.error_code, field="voice_id") from None
 
 
 def _language(data: Mapping[str, Any], default: str) -> str:
@@ -212,9 +211,9 @@ def _output_format(data: Mapping[str, Any], default: str) -> str:
             f"output_format must be a string, got {_describe(value)}", error_code="invalid_type", field="output_format"
         )
     canonical = value.strip().lower()
-    if canonical not in OUTPUT_FORMATS:
+    if canonical not in SUPPORTED_OUTPUT_FORMATS:
         raise ValidationError(
-            f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {_short(value)}",
+            f"output_format must be one of {', '.join(SUPPORTED_OUTPUT_FORMATS)}, got {_short(value)}",
             error_code="invalid_input",
             field="output_format",
         )

@@ -1,4 +1,5 @@
-"""The storage interface both backends implement, and `open_storage(config)` that picks one.
+"""The storage interface both backends (`gcs.py`, `local.py`) implement. `storage.factory.open_storage(config)`
+picks one: this module imports neither backend, so no module imports one that imports it back.
 
     Storage.parse_ref_url(url)                 validate a caller's reference URL (no I/O)
     Storage.download(url, dest_path, max_bytes) stream a reference to a file: gs:// via the backend, https via HTTP
@@ -195,24 +196,3 @@ def _mapped_errors(what: str) -> Iterator[None]:
         if mapped is exc:
             raise
         raise mapped from None
-
-
-async def open_storage(config: StorageConfig, session: aiohttp.ClientSession | None = None) -> Storage:
-    """Build the configured backend and, if `config.check_on_start`, prove the bucket is usable.
-
-    Pass `session` to share an aiohttp session you own (it is not closed by `Storage.close`)."""
-    if config.backend == "gcs":
-        from .gcs import GcsStorage
-
-        storage: Storage = GcsStorage(config, session)
-    else:
-        from .local import LocalStorage
-
-        storage = LocalStorage(config, session)
-    if config.check_on_start:
-        try:
-            await storage.check()
-        except BaseException:
-            await storage.close()
-            raise
-    return storage

@@ -24,18 +24,21 @@ STORAGE_CHECK_ON_START       1                       open_storage proves access 
 Credentials: real GCS needs a service-account key (GCS_CREDENTIALS or GOOGLE_APPLICATION_CREDENTIALS), because
 result URLs are V4-signed locally with it. With STORAGE_EMULATOR_HOST credentials are optional: with a key the
 URLs are signed (the emulator ignores the signature), without one they are plain emulator URLs.
-Errors name the variable and the bad value, except for credentials, whose content is never shown.
+Every value is read by `storage.env.EnvReader`, with the same rules as the server's variables (an empty value
+counts as unset; integers are plain decimal, `1_000` is refused; numbers are finite). Errors name the variable and
+the bad value (`MAX_REF_BYTES must be an integer >= 1, got '0'`, after the prefix "GCS not configured correctly: "),
+except for credentials, whose content is never shown.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .env import EnvReader
 from .errors import InvalidRefUrlError, StorageNotConfiguredError
 from .urls import UrlPolicy, validate_bucket_name
 
@@ -93,11 +96,9 @@ class StorageConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> StorageConfig:
         """Build and validate. Raises `StorageNotConfiguredError` naming the variable and what is wrong."""
-        e = _Env(env)
-        bucket = e.str("GCS_BUCKET_NAME")
-        backend = (e.str("STORAGE_BACKEND") or "").lower() or ("gcs" if bucket else "local")
-        if backend not in ("gcs", "local"):
-            raise StorageNotConfiguredError(f"STORAGE_BACKEND must be 'gcs' or 'local', got {backend!r}")
+        e = EnvReader(env, StorageNotConfiguredError)
+        bucket = e.raw("GCS_BUCKET_NAME")
+        backend = e.choice("STORAGE_BACKEND", None, ("gcs", "local")) or ("gcs" if bucket else "local")
         if backend == "gcs" and not bucket:
             raise StorageNotConfiguredError("GCS_BUCKET_NAME is not set (STORAGE_BACKEND=gcs needs a bucket)")
         bucket = bucket or DEFAULT_LOCAL_BUCKET
@@ -106,18 +107,18 @@ class StorageConfig:
         except InvalidRefUrlError:
             raise StorageNotConfiguredError(f"GCS_BUCKET_NAME is not a valid bucket name: {bucket!r}") from None
 
-        emulator_host = _emulator_host(e.str("STORAGE_EMULATOR_HOST")) if backend == "gcs" else None
+        emulator_host = _emulator_host(e.raw("STORAGE_EMULATOR_HOST")) if backend == "gcs" else None
         credentials_json, credentials_file = (None, None)
         if backend == "gcs":
-            credentials_json, credentials_file = _credentials(e.str("GCS_CREDENTIALS"),
-                                                              e.str("GOOGLE_APPLICATION_CREDENTIALS"))
+            credentials_json, credentials_file = _credentials(e.raw("GCS_CREDENTIALS"),
+                                                              e.raw("GOOGLE_APPLICATION_CREDENTIALS"))
             if emulator_host is None and credentials_json is None and credentials_file is None:
                 raise StorageNotConfiguredError(
                     "GCS_CREDENTIALS is not set (a service-account key is needed to sign result URLs);"
                     " set GCS_CREDENTIALS to the service-account JSON or GOOGLE_APPLICATION_CREDENTIALS to its path"
                 )
 
-        allowed = e.str("ALLOWED_BUCKETS")
+        allowed = e.raw("ALLOWED_BUCKETS")
         if allowed is None:
             allowed_buckets: frozenset[str] | None = frozenset({bucket})
         elif allowed.strip() == "*":
@@ -134,11 +135,11 @@ class StorageConfig:
                         f"ALLOWED_BUCKETS contains an invalid bucket name: {name!r}") from None
             allowed_buckets = frozenset(names)
 
-        hosts_raw = e.str("ALLOWED_REF_HOSTS")
+        hosts_raw = e.raw("ALLOWED_REF_HOSTS")
         hosts = DEFAULT_ALLOWED_REF_HOSTS if hosts_raw is None else _host_patterns(hosts_raw)
 
-        max_ref_bytes = e.int("MAX_REF_BYTES", 50 * 1024 * 1024, minimum=1)
-        cache_max_bytes = e.int("AUDIO_CACHE_MAX_BYTES", 5 * 1024**3, minimum=1)
+        max_ref_bytes = e.integer("MAX_REF_BYTES", 50 * 1024 * 1024, minimum=1)
+        cache_max_bytes = e.integer("AUDIO_CACHE_MAX_BYTES", 5 * 1024**3, minimum=1)
         if cache_max_bytes < max_ref_bytes:
             raise StorageNotConfiguredError(
                 f"AUDIO_CACHE_MAX_BYTES ({cache_max_bytes}) must be >= MAX_REF_BYTES ({max_ref_bytes}):"
@@ -150,20 +151,20 @@ class StorageConfig:
             credentials_json=credentials_json,
             credentials_file=credentials_file,
             emulator_host=emulator_host,
-            local_dir=Path(e.str("LOCAL_STORAGE_DIR") or "local_storage").expanduser().absolute(),
+            local_dir=Path(e.raw("LOCAL_STORAGE_DIR") or "local_storage").expanduser().absolute(),
             allowed_buckets=allowed_buckets,
             allowed_ref_hosts=hosts,
-            allow_loopback_ref_urls=e.bool("ALLOW_LOOPBACK_REF_URLS", False),
+            allow_loopback_ref_urls=e.flag("ALLOW_LOOPBACK_REF_URLS", False),
             max_ref_bytes=max_ref_bytes,
-            cache_dir=Path(e.str("AUDIO_CACHE_DIR") or "/tmp/audio_cache").expanduser().absolute(),
+            cache_dir=Path(e.raw("AUDIO_CACHE_DIR") or "/tmp/audio_cache").expanduser().absolute(),
             cache_max_bytes=cache_max_bytes,
-            signed_url_ttl_s=e.int("SIGNED_URL_TTL_S", 86400, minimum=1, maximum=MAX_SIGNED_URL_TTL_S),
-            timeout_s=e.float("STORAGE_TIMEOUT_S", 30.0, minimum=0.01),
-            retry_deadline_s=e.float("STORAGE_RETRY_DEADLINE_S", 120.0, minimum=0.01),
-            max_retries=e.int("STORAGE_MAX_RETRIES", 5, minimum=0, maximum=100),
-            retry_base_s=e.float("STORAGE_RETRY_BASE_S", 0.5, minimum=0.0),
-            retry_max_backoff_s=e.float("STORAGE_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
-            check_on_start=e.bool("STORAGE_CHECK_ON_START", True),
+            signed_url_ttl_s=e.integer("SIGNED_URL_TTL_S", 86400, minimum=1, maximum=MAX_SIGNED_URL_TTL_S),
+            timeout_s=e.number("STORAGE_TIMEOUT_S", 30.0, minimum=0.01),
+            retry_deadline_s=e.number("STORAGE_RETRY_DEADLINE_S", 120.0, minimum=0.01),
+            max_retries=e.integer("STORAGE_MAX_RETRIES", 5, minimum=0, maximum=100),
+            retry_base_s=e.number("STORAGE_RETRY_BASE_S", 0.5, minimum=0.0),
+            retry_max_backoff_s=e.number("STORAGE_RETRY_MAX_BACKOFF_S", 10.0, minimum=0.0),
+            check_on_start=e.flag("STORAGE_CHECK_ON_START", True),
         )
         if config.backend == "gcs" and config.emulator_host is None and not config.has_private_key:
             raise StorageNotConfiguredError(
@@ -171,61 +172,6 @@ class StorageConfig:
                 " key is needed to sign result URLs"
             )
         return config
-
-
-class _Env:
-    """Typed reads with the variable name and bad value in every error."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
-
-    def str(self, name: str) -> str | None:
-        value = self._env.get(name)
-        if value is None or value.strip() == "":
-            return None
-        return value.strip()
-
-    def int(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
-        raw = self.str(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw.replace("_", ""))
-        except ValueError:
-            raise StorageNotConfiguredError(f"{name} must be an integer, got {raw!r}") from None
-        _check_range(name, value, minimum, maximum)
-        return value
-
-    def float(self, name: str, default: float, minimum: float | None = None, maximum: float | None = None) -> float:
-        raw = self.str(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise StorageNotConfiguredError(f"{name} must be a number, got {raw!r}") from None
-        if not math.isfinite(value):
-            raise StorageNotConfiguredError(f"{name} must be a finite number, got {raw!r}")
-        _check_range(name, value, minimum, maximum)
-        return value
-
-    def bool(self, name: str, default: bool) -> bool:
-        raw = self.str(name)
-        if raw is None:
-            return default
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise StorageNotConfiguredError(f"{name} must be 1/0/true/false, got {raw!r}")
-
-
-def _check_range(name: str, value, minimum, maximum) -> None:
-    if minimum is not None and value < minimum:
-        raise StorageNotConfiguredError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise StorageNotConfiguredError(f"{name} must be <= {maximum}, got {value}")
 
 
 def _emulator_host(raw: str | None) -> str | None:

@@ -8,12 +8,20 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 
 from .audio import CONTENT_TYPES, normalize_format
-from .backend import Storage
 from .urls import validate_voice_id
 
 RESULT_PREFIX = "generated/"
+
+
+class ResultStore(Protocol):
+    """What `store_result` calls: any `storage.Storage` backend is one."""
+
+    async def upload(self, data: bytes, object_name: str, content_type: str) -> None: ...
+
+    async def signed_url(self, object_name: str, ttl_s: int | None = None) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ def result_object_name(voice_id: str, fmt: str, now: dt.datetime | None = None, 
     return f"{RESULT_PREFIX}{voice_id}_{stamp}_{tail}.{ext}"
 
 
-async def store_result(storage: Storage, voice_id: str, data: bytes, fmt: str = "wav",
+async def store_result(storage: ResultStore, voice_id: str, data: bytes, fmt: str = "wav",
                        ttl_s: int | None = None, *, now: dt.datetime | None = None) -> StoredResult:
     """Upload encoded audio `data` (retried like every storage call) and return its name and a URL valid
     `ttl_s` seconds (default SIGNED_URL_TTL_S): V4-signed on GCS, `file://` on the local backend."""

@@ -40,7 +40,9 @@ from .errors import InvalidObjectNameError, InvalidRefUrlError, InvalidVoiceIdEr
 
 MAX_URL_CHARS = 8192
 MAX_OBJECT_NAME_BYTES = 1024  # GCS's own limit
-_VOICE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The one definition of a voice_id, for the whole worker (server.validation checks job input with it): 1-128 of
+# `A-Z a-z 0-9 . _ -`, starting with a letter or digit (so never `.`, `..`, a hidden name or a path).
+VOICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _LOOPBACK_NAMES = frozenset({"localhost"})
@@ -113,14 +115,14 @@ def redact_url(url: str, limit: int = 200) -> str:
 
 
 def validate_voice_id(voice_id: object) -> str:
-    """Return `voice_id` if it is a safe identifier: 1-128 of `A-Z a-z 0-9 . _ -`, starting with a letter or
-    digit (so never `.`, `..`, a path, or an absolute path)."""
-    if isinstance(voice_id, str) and _VOICE_ID_RE.fullmatch(voice_id):
+    """Return `voice_id` if it matches `VOICE_ID_PATTERN` (a safe file-name-like identifier); else raise
+    `InvalidVoiceIdError` (`invalid_voice_id`) with the one message every layer shows."""
+    if isinstance(voice_id, str) and VOICE_ID_PATTERN.fullmatch(voice_id):
         return voice_id
     shown = repr(voice_id)
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     raise InvalidVoiceIdError(
-        "voice_id must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit;"
+        "voice_id must be 1 to 128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit,"
         f" got {shown}"
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.voices import demo_checkpoint, synthetic_voice
+from testing.voices import demo_checkpoint, synthetic_voice
 
 ROOT = Path(__file__).resolve().parents[1]
 

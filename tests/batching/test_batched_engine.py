@@ -8,8 +8,9 @@ import torch
 
 from batching.engine import SamplingParams, Segment
 from batching.latents import LatentCache, model_fingerprint
-from batching.scheduler import Scheduler, SynthesisRequest
-from tests.batching.test_engine import WAVEFORM_TOLERANCE, stock_inference
+from batching.scheduler import Scheduler, SpeechRequest
+from testing.stock_reference import stock_inference
+from tests.batching.test_engine import WAVEFORM_TOLERANCE
 from tests.conftest import synthetic_voice
 
 # 9 segments, 3 languages, lengths from 4 to 43 audio tokens (short: the CPU vocoder costs ~1 s per audio second).
@@ -90,8 +91,8 @@ async def test_conditioning_once_for_16_jobs_and_never_after_a_restart(tiny_engi
         return voice_wav, 22050
 
     def job(i):
-        return SynthesisRequest(text=f"Pedido número {i}.", language="pt", voice_key="voice-abc",
-                                load_reference=load_reference, params=SamplingParams(seed=i))  # fmt: skip
+        return SpeechRequest(text=f"Pedido número {i}.", language="pt", voice_key="voice-abc",
+                             load_reference=load_reference, params=SamplingParams(seed=i))  # fmt: skip
 
     model_id = model_fingerprint(tiny_checkpoint)
     engine = CountingEngine(tiny_engine)

@@ -8,7 +8,8 @@ import pytest
 
 from batching import policy
 from batching.engine import SamplingParams, Segment
-from tests.batching.test_engine import WAVEFORM_TOLERANCE, stock_inference
+from testing.stock_reference import stock_inference
+from tests.batching.test_engine import WAVEFORM_TOLERANCE
 from tests.conftest import synthetic_voice
 
 GREEDY = SamplingParams(do_sample=False)

@@ -13,9 +13,10 @@ from batching.engine import SamplingParams
 from batching.errors import BatchError, FatalEngineError
 from batching.latents import LatentCache
 from batching.running import FinishedRow, StepOutput
-from batching.scheduler import JobTimeoutError, Observer, Scheduler, SynthesisRequest
+from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
 from tests.batching.test_engine import WAVEFORM_TOLERANCE
-from tests.batching.test_scheduler import Clock, FakeEngine, reference, request, settle
+from tests.batching.conftest import Clock
+from tests.batching.test_scheduler import FakeEngine, reference, request, settle
 
 
 class FakeStepEngine(FakeEngine):
@@ -107,22 +108,9 @@ class Recorder(Observer):
 
 
 @pytest.fixture
-async def make_scheduler():
-    made = []
-
-    async def make(engine=None, **kw):
-        engine = engine or FakeStepEngine()
-        kw.setdefault("clock", Clock())
-        kw.setdefault("max_batch_size", 4)
-        kw.setdefault("batch_wait_s", 0.0)
-        s = Scheduler(engine, LatentCache(16, None, "test"), **kw)
-        await s.start()
-        made.append(s)
-        return s, engine
-
-    yield make
-    for s in made:
-        await s.close()
+def fake_engine():
+    """The engine `make_scheduler` (tests/batching/conftest.py) builds a scheduler around by default."""
+    return FakeStepEngine
 
 
 async def test_rows_join_the_running_batch_and_leave_when_done(make_scheduler):
@@ -248,8 +236,8 @@ async def test_a_seeded_request_gives_the_same_audio_continuous_and_static(tiny_
         return voice_wav, 22050
 
     def job(text, seed):
-        return SynthesisRequest(text=text, language="en", voice_key="v", load_reference=load,
-                                params=SamplingParams(seed=seed))  # fmt: skip
+        return SpeechRequest(text=text, language="en", voice_key="v", load_reference=load,
+                             params=SamplingParams(seed=seed))  # fmt: skip
 
     texts = ["A longer sentence, to keep the batch busy.", "Short.", "Mid length row."]
     out = {}

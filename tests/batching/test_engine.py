@@ -10,6 +10,7 @@ import torch
 from batching.engine import SamplingParams, Segment, join_segments
 from batching.errors import EmptyTextError, TextTooLongError, UnsupportedLanguageError, UntokenizableTextError
 from batching.languages import SUPPORTED_LANGUAGES
+from testing.stock_reference import stock_inference
 
 GREEDY = SamplingParams(do_sample=False)
 # Stock XTTS's second GPT pass recomputes the vocoder latents without a KV cache; ours come from the decoding
@@ -89,29 +90,6 @@ def test_synthesizes_every_language(tiny_engine, voice, language):
     assert ((codes >= 0) & (codes < 1024)).all()  # audio codes only: no start/stop token inside
     assert len(result.wav) == expected_samples(len(codes))
     assert result.duration_s == pytest.approx(len(result.wav) / 24000)
-
-
-def stock_inference(engine, text, language, voice, **kwargs):
-    """Stock `Xtts.inference` on `engine.model` with the demo length rule; returns (codes, wav). Give it the
-    `tiny_stock_engine` fixture: `tiny_engine.model` has its vocoder's weight norm folded."""
-    model = engine.model
-    n = engine.demo_length(len(text))
-    captured = []
-    generate = model.gpt.generate
-
-    def capture(*args, **kw):
-        codes = generate(*args, **kw)
-        captured.append(codes[0].cpu().numpy())
-        return codes
-
-    model.gpt.generate = capture
-    try:
-        out = model.inference(text, language, voice.gpt_cond_latent, voice.speaker_embedding,
-                              min_new_tokens=n, max_new_tokens=n, **kwargs)  # fmt: skip
-    finally:
-        del model.gpt.generate
-    (codes,) = captured
-    return codes, out["wav"]
 
 
 @pytest.mark.parametrize("speed", [1.0, 1.3])

@@ -22,7 +22,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import batching.engine as engine_module
+import batching.sampling as sampling_module
 from batching.engine import SamplingParams, Segment
 
 N_AUDIO = 1026  # XTTS's audio vocabulary, start and stop tokens included
@@ -58,7 +58,7 @@ def assert_sampler_draws_from(expected: torch.Tensor, logits, temperature, top_k
             want.append(kept)
     rows, us, want = torch.cat(rows), torch.cat(us), torch.cat(want)
     got = torch.cat([
-        engine_module._sample(logits[rows[i:i + chunk]], temperature[rows[i:i + chunk]], top_k[rows[i:i + chunk]],
+        sampling_module.sample(logits[rows[i:i + chunk]], temperature[rows[i:i + chunk]], top_k[rows[i:i + chunk]],
                               top_p[rows[i:i + chunk]], us[i:i + chunk])
         for i in range(0, len(rows), chunk)
     ])  # fmt: skip
@@ -124,12 +124,12 @@ def test_draws_follow_the_distribution_and_one_uniform_gives_one_token():
     logits = fixed_logits(1, seed=2).repeat(20_000, 1)
     t, k, p = (torch.full((20_000, 1), x) for x in (0.9, 40, 0.9))
     u = torch.rand(20_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    draws = engine_module._sample(logits, t, k.long(), p, u)
+    draws = sampling_module.sample(logits, t, k.long(), p, u)
     freq = torch.bincount(draws, minlength=N_AUDIO).double() / 20_000
     expected = hf_probs(logits[:1], [(0.9, 40, 0.9)])[0]
     assert set(torch.nonzero(freq).flatten().tolist()) <= set(torch.nonzero(expected).flatten().tolist())
     assert (freq - expected).abs().max() < 0.015  # 4.4 sigma of the worst binomial at 20k draws
-    again = engine_module._sample(logits[:100], t[:100], k[:100].long(), p[:100], u[:100])
+    again = sampling_module.sample(logits[:100], t[:100], k[:100].long(), p[:100], u[:100])
     assert torch.equal(again, draws[:100])
 
 
@@ -140,13 +140,13 @@ def _capture_steps(engine, segments, monkeypatch):
     """Run `engine.generate` recording, per decoding step, the raw mel-head logits and what `_sample` was given."""
     raw, calls = [], []
     hook = engine.model.gpt.mel_head.register_forward_hook(lambda _m, _i, out: raw.append(out.detach().float().clone()))
-    real_sample = engine_module._sample
+    real_sample = sampling_module.sample
 
     def spy(logits, temperature, top_k, top_p, u):
         calls.append((logits.clone(), temperature.clone(), top_k.clone(), top_p.clone()))
         return real_sample(logits, temperature, top_k, top_p, u)
 
-    monkeypatch.setattr(engine_module, "_sample", spy)
+    monkeypatch.setattr(sampling_module, "sample", spy)
     try:
         with torch.inference_mode():
             codes, _ = engine._decode(segments)  # decoding only: the vocoder plays no part in sampling

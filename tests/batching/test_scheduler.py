@@ -10,16 +10,8 @@ import torch
 from batching.engine import SamplingParams, SegmentAudio, TextSegment, VoiceLatents
 from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
-from batching.scheduler import JobTimeoutError, Observer, Scheduler, SynthesisRequest
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
+from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
+from tests.batching.conftest import Clock
 
 SAMPLES_PER_CHAR = 11  # wider than twice the 5 ms join fade at 1000 Hz: each run's middle sample is never faded
 
@@ -100,26 +92,13 @@ async def reference():
 
 
 def request(text, voice="v1", **kw):
-    return SynthesisRequest(text=text, language="en", voice_key=voice, load_reference=reference, **kw)
+    return SpeechRequest(text=text, language="en", voice_key=voice, load_reference=reference, **kw)
 
 
 @pytest.fixture
-async def make_scheduler(tmp_path):
-    made = []
-
-    async def make(engine=None, **kw):
-        engine = engine or FakeEngine()
-        kw.setdefault("clock", Clock())
-        kw.setdefault("max_batch_size", 4)
-        kw.setdefault("batch_wait_s", 0.0)
-        s = Scheduler(engine, LatentCache(16, None, "test"), **kw)
-        await s.start()
-        made.append(s)
-        return s, engine
-
-    yield make
-    for s in made:
-        await s.close()
+def fake_engine():
+    """The engine `make_scheduler` (tests/batching/conftest.py) builds a scheduler around by default."""
+    return FakeEngine
 
 
 async def settle(until=lambda: True):

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from batching.engine import SamplingParams, Segment
 from batching.stock import StockEngine
-from tests.batching.test_engine import stock_inference
+from testing.stock_reference import stock_inference
 from tests.conftest import synthetic_voice
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bench.gcs_emulator import free_port, wait_for_http
-from bench.load import worker_base_env
+from bench.stack import worker_base_env
+from testing.loopback import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -29,16 +28,6 @@ pytestmark = pytest.mark.slow
 def _bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=worker_base_env({"PYTHONUNBUFFERED": "1"}))  # fmt: skip
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
@@ -53,17 +42,10 @@ def local_test_api(tmp_path, tiny_checkpoint):
         "LATENT_CACHE_DIR": str(tmp_path / "lc"), "METRICS_PORT": str(metrics_port), "PYTHONUNBUFFERED": "1",
     })  # fmt: skip
     log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port",
-             str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/openapi.json", proc, 300, what="the worker",
-                      log_tail=lambda: log.read_text()[-3000:])  # fmt: skip
-        yield {"port": port, "metrics_port": metrics_port, "storage": storage, "pid": proc.pid, "log": log}
-    finally:
-        _stop(proc)
+    argv = [sys.executable, "-m", "server", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)]
+    with ServerProcess(argv, log, env=env, cwd=REPO, what="the worker", stop_timeout_s=30) as worker:
+        worker.wait_ready(f"http://127.0.0.1:{port}/openapi.json", 300)
+        yield {"port": port, "metrics_port": metrics_port, "storage": storage, "pid": worker.pid, "log": log}
 
 
 def test_endpoint_target_runs_against_the_local_test_api(local_test_api, tmp_path):

@@ -1,10 +1,11 @@
-"""`python -m bench.engine` on the tiny demo checkpoint: every path, the same audio, the ABBA order, a report."""
+"""`python -m bench engine` (bench/engine_bench.py) on the tiny demo checkpoint: every path, the same audio, the ABBA
+order, a report; and `python -m bench engine` reaches it."""
 
 import json
 
 import pytest
 
-from bench import engine as engine_bench
+from bench import engine_bench
 
 pytestmark = pytest.mark.slow
 
@@ -25,3 +26,13 @@ def test_engine_bench_runs_every_path_on_the_same_audio(tmp_path, monkeypatch, c
         assert row["wall_s"] > 0 and row["ratio"] == pytest.approx(row["audio_s_per_s"] / seed["audio_s_per_s"])
     out = capsys.readouterr().out
     assert "| vocoder alone, same segments (a ceiling on this device) | – |" in out and "summed" in out
+
+
+def test_python_m_bench_engine_is_the_engine_benchmark(monkeypatch):
+    from bench.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(engine_bench, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["engine", "--size", "tiny"]) == 0
+    assert seen == [["--size", "tiny"]]
+

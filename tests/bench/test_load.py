@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from bench.load import PointPlan, compare_points, drive, plan_points, summarize_point
-from bench.runpod_fake import COMPLETED, FAILED
+from bench.load import drive
+from bench.summary import compare_points, summarize_point
 from bench.targets import NOT_STARTED, JobRecord, new_record
-from bench.workload import WorkloadSpec, make_jobs
+from bench.workload import PointPlan, WorkloadSpec, make_jobs, plan_points
+from testing.runpod_fake import COMPLETED, FAILED
 
 
 class StandIn:

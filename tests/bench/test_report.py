@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from bench.load import RunRecord, compare_points
+from bench.load import RunRecord
 from bench.report import markdown, write_report
+from bench.summary import compare_points
 
 
 def _point(label, concurrency, thr, p95, mode="closed"):

@@ -1,8 +1,8 @@
 """End-to-end fixtures: the real `python -m server` in a process of its own, against real local services.
 
-    gcs_bucket      fake-gcs-server (bench.gcs_emulator) with the buckets `seu-bucket` and `meu-bucket` (the seed
-                    README's examples use both) and the reference voices uploaded (bench.voices.synthetic_voice)
-    fake_runpod     bench.runpod_fake.FakeRunPod: RunPod's job protocol on 127.0.0.1
+    gcs_bucket      fake-gcs-server (testing.gcs_emulator) with the buckets `seu-bucket` and `meu-bucket` (the seed
+                    README's examples use both) and the reference voices uploaded (testing.voices.synthetic_voice)
+    fake_runpod     testing.runpod_fake.FakeRunPod: RunPod's job protocol on 127.0.0.1
     gcs_worker      `python -m server` in RunPod's production mode (RUNPOD_WEBHOOK_GET_JOB -> fake_runpod), GCS on
                     the emulator with a throwaway service-account key (so result URLs are V4-signed), the tiny demo
                     checkpoint on CPU; started once per module, ready when the SDK asks for its first jobs; killed
@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,12 +34,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-import soundfile as sf
 
-from bench.gcs_emulator import GcsEmulator, free_port
-from bench.runpod_fake import FakeRunPod, WorkerProcess
 from bench.stats import Snapshot
-from bench.voices import synthetic_voice
+from testing.gcs_emulator import GcsEmulator
+from testing.loopback import ServerProcess, free_port
+from testing.runpod_fake import FakeRunPod, WorkerProcess
+from testing.voices import synthetic_voice_wav
 from tests.conftest import ROOT
 from tests.reliability.faulty_worker import GATE
 from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture, re-exported here)
@@ -76,10 +73,7 @@ class Voice:
         return f"gs://{self.bucket}/{self.object_name}"
 
     def wav_bytes(self, seconds: float = 4.0) -> bytes:
-        buffer = io.BytesIO()
-        sf.write(buffer, synthetic_voice(seconds, sr=22050, f0=self.f0, seed=self.seed), 22050, format="WAV",
-                 subtype="PCM_16")  # fmt: skip
-        return buffer.getvalue()
+        return synthetic_voice_wav(seconds, sr=22050, f0=self.f0, seed=self.seed)
 
 
 # The first three are the seed README's own examples (test_input.json, the curl example, the Python example).
@@ -205,7 +199,7 @@ class MetricsSnapshot(Snapshot):
 
 
 class E2EWorker:
-    """A running `python -m server` process (a bench.runpod_fake.WorkerProcess) and its metrics endpoint."""
+    """A running `python -m server` process (a testing.runpod_fake.WorkerProcess) and its metrics endpoint."""
 
     def __init__(self, name: str, process: WorkerProcess, metrics_port: int, gate_file: Path | None = None):
         self.name = name
@@ -288,29 +282,16 @@ async def _wait_ready(worker: E2EWorker, fake: FakeRunPod) -> None:
 
 @contextlib.contextmanager
 def server_process(name: str, args: list[str], env: Mapping[str, str], log_path: Path,
-                   cwd: Path = REPO) -> Iterator[subprocess.Popen]:  # fmt: skip
+                   cwd: Path = REPO) -> Iterator[ServerProcess]:  # fmt: skip
     """`python -m server ARGS` in a process group of its own (for tests without an event loop), its output in
     `log_path`; at the end the whole group is sent SIGTERM, then SIGKILL, whatever happened."""
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", *args], env=dict(env), cwd=str(cwd), stdin=subprocess.DEVNULL,
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    _OPEN_LOGS[name] = log_path
-    try:
-        yield process
-    finally:
-        _OPEN_LOGS.pop(name, None)
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            try:
-                process.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):  # the SDK's children, if any outlived it
-            os.killpg(process.pid, signal.SIGKILL)
+    server = ServerProcess([sys.executable, "-m", "server", *args], log_path, env=env, cwd=cwd, what=name)
+    with server:
+        _OPEN_LOGS[name] = log_path
+        try:
+            yield server
+        finally:
+            _OPEN_LOGS.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

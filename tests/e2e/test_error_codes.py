@@ -1,7 +1,7 @@
 """Every error code a caller can provoke comes back readable from the job's `error` string alone, through both
 transports RunPod gives a worker:
 
-- the REAL loop: `python -m server` in RunPod's production mode (JobScaler) against bench/runpod_fake.py, storage on
+- the REAL loop: `python -m server` in RunPod's production mode (JobScaler) against testing/runpod_fake.py, storage on
   fake-gcs-server. RunPod's own API answers a FAILED job with its `error` string only, so that is all the test
   reads for the code; the SDK's job-done body keeps `output` (`error_code`, `retryable`), which must agree;
 - the local test API (`--rp_serve_api`, local storage), which drops `output` on FAILED entirely.
@@ -29,9 +29,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from bench.gcs_emulator import GcsEmulator, free_port, wait_for_http
-from bench.runpod_fake import FAILED, FakeRunPod
 from server.errors import parse_error
+from testing.gcs_emulator import GcsEmulator
+from testing.loopback import LoopbackApp, free_port
+from testing.runpod_fake import FAILED, FakeRunPod
 from tests.e2e.conftest import (
     BUCKET,
     NOT_AUDIO_OBJECT,
@@ -41,7 +42,6 @@ from tests.e2e.conftest import (
     E2EWorker,
     running_worker,
     server_process,
-    tail,
     worker_env,
 )
 from tests.storage.conftest import ServiceAccount
@@ -80,7 +80,7 @@ class RefServer:
         self.signed_requests: list[tuple[str | None, str | None]] = []  # (signature, Range) of signed.wav GETs
         self.port = 0
         self.closed_port = free_port()  # nothing listens there
-        self._runner: web.AppRunner | None = None
+        self._server: LoopbackApp | None = None
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{BUCKET}/{name}"
@@ -111,16 +111,13 @@ class RefServer:
     async def __aenter__(self) -> RefServer:
         app = web.Application()
         app.router.add_get("/{bucket}/{name}", self._serve)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._server = await LoopbackApp(app, shutdown_timeout=1.0).start()
+        self.port = self._server.port
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.release.set()
-        await self._runner.cleanup()
+        await self._server.stop()
 
 
 CASES: tuple[Case, ...] = (
@@ -234,11 +231,10 @@ async def workers(
     api_log = folder / "error-codes-local-api.log"
     base = f"http://127.0.0.1:{api_port}"
     async with RefServer() as refs:
-        with server_process("error-codes-local-api", args, local_env, api_log) as process:
+        with server_process("error-codes-local-api", args, local_env, api_log) as api:
             async with running_worker("error-codes-loop", fake_runpod, loop_env, folder,
                                       metrics_port=metrics_port) as loop_worker:  # fmt: skip
-                await asyncio.to_thread(wait_for_http, f"{base}/openapi.json", process, START_TIMEOUT_S,
-                                        what="the local API", log_tail=lambda: tail(api_log))  # fmt: skip
+                await asyncio.to_thread(api.wait_ready, f"{base}/openapi.json", START_TIMEOUT_S)
                 yield Workers(refs, loop_worker, fake_runpod, base)
 
 

@@ -19,9 +19,9 @@ import pytest
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.gcs_emulator import free_port, wait_for_http
-from bench.voices import synthetic_voice
-from tests.e2e.conftest import REPO, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, server_process, tail, worker_env
+from testing.loopback import free_port
+from testing.voices import synthetic_voice
+from tests.e2e.conftest import REPO, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, server_process, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,8 @@ def local_api(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     args = ["--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)]
     log_path = folder / "local-api.log"
     base = f"http://127.0.0.1:{port}"
-    with server_process("local-api", args, env, log_path) as process:
-        wait_for_http(f"{base}/openapi.json", process, START_TIMEOUT_S, what="the local API",
-                      log_tail=lambda: tail(log_path))  # fmt: skip
+    with server_process("local-api", args, env, log_path) as server:
+        server.wait_ready(f"{base}/openapi.json", START_TIMEOUT_S)
         yield base, storage_dir, f"http://127.0.0.1:{metrics_port}/metrics"
 
 

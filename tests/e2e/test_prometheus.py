@@ -1,9 +1,9 @@
 """A real Prometheus (Debian's `prometheus` binary, our own process on 127.0.0.1) scrapes a worker that runs jobs
-through the real RunPod loop (`python -m server` against bench/runpod_fake.py, storage on fake-gcs-server), with
+through the real RunPod loop (`python -m server` against testing/runpod_fake.py, storage on fake-gcs-server), with
 deploy/prometheus/alerts.yml loaded. After the jobs, Prometheus's HTTP API must report what the jobs produced:
 jobs completed, batch rows and batches, cache hits and misses, stage and job duration counts, and every alert rule
 evaluating without error and none firing. Then every metric the README's Metrics section names must have an observed
-sample (a metric nobody feeds fails that test): storage goes through bench/faultproxy.py, which injects the faults
+sample (a metric nobody feeds fails that test): storage goes through testing/faultproxy.py, which injects the faults
 that feed the storage retry and error counters.
 
 Skipped only when the `prometheus` binary is absent (scripts/setup.sh installs it).
@@ -16,7 +16,6 @@ import contextlib
 import json
 import re
 import shutil
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -25,9 +24,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bench.faultproxy import FaultProxy
-from bench.gcs_emulator import GcsEmulator, free_port, wait_for_http
-from bench.runpod_fake import COMPLETED, FAILED, FakeRunPod
+from testing.faultproxy import FaultProxy
+from testing.gcs_emulator import GcsEmulator
+from testing.loopback import ServerProcess, free_port
+from testing.runpod_fake import COMPLETED, FAILED, FakeRunPod
 from tests.e2e.conftest import (
     BUCKET,
     OTHER_BUCKET,
@@ -36,7 +36,6 @@ from tests.e2e.conftest import (
     VOICES,
     E2EWorker,
     running_worker,
-    tail,
     worker_env,
 )
 from tests.storage.conftest import ServiceAccount
@@ -101,20 +100,10 @@ def prometheus_process(folder: Path, metrics_port: int) -> Iterator[Prometheus]:
     log_path = folder / "prometheus.log"
     args = [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"]  # fmt: skip
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                   cwd=str(folder))  # fmt: skip
-    try:
+    with ServerProcess(args, log_path, cwd=folder, what="prometheus") as server:
         base = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{base}/-/ready", process, 60, what="prometheus", log_tail=lambda: tail(log_path))
+        server.wait_ready(f"{base}/-/ready", 60)
         yield Prometheus(base)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

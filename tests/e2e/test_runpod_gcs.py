@@ -1,5 +1,5 @@
 """End to end through RunPod's REAL job loop: `python -m server` in production mode (RUNPOD_WEBHOOK_GET_JOB ->
-bench.runpod_fake.FakeRunPod on 127.0.0.1), GCS on fake-gcs-server with a throwaway service-account key (result URLs
+testing.runpod_fake.FakeRunPod on 127.0.0.1), GCS on fake-gcs-server with a throwaway service-account key (result URLs
 are V4-signed), the tiny random-weight demo checkpoint on CPU. One worker serves every test of this module.
 
 - a mixed load (the seed README's three example payloads verbatim, plus more voices, languages and formats) all
@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 import soundfile as sf
 
-from bench.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeJob, FakeRunPod
+from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeJob, FakeRunPod
 from tests.e2e.conftest import (
     BUCKET, MISSING_OBJECT, NOT_AUDIO_OBJECT, RUN_TIMEOUT_S, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, VOICES,
     E2EWorker, MetricsSnapshot,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.gcs_emulator import GcsEmulator
+from testing.gcs_emulator import GcsEmulator
 from tests.e2e.conftest import REPO, worker_env
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Long results through the real worker (`python -m server` in RunPod's production loop, bench.runpod_fake; GCS on
+"""Long results through the real worker (`python -m server` in RunPod's production loop, testing.runpod_fake; GCS on
 fake-gcs-server): 300 s results in OGG, MP3 and FLAC complete, the uploaded objects decode to 300 s, and the worker
 is still alive and serves the next job. A silent reference (issue #16) fails that job alone, clearly.
 
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bench.runpod_fake import COMPLETED, FAILED, TERMINAL_STATES, FakeRunPod, WorkerProcess
-from bench.voices import synthetic_voice
+from testing.runpod_fake import COMPLETED, FAILED, TERMINAL_STATES, FakeRunPod, WorkerProcess
+from testing.voices import synthetic_voice
 from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, start_worker, worker_env
 
 LONG_AUDIO_WORKER = Path(__file__).with_name("long_audio_worker.py")

@@ -1,4 +1,4 @@
-"""Engine faults through the real worker (`python -m server` in RunPod's production loop, bench.runpod_fake):
+"""Engine faults through the real worker (`python -m server` in RunPod's production loop, testing.runpod_fake):
 an exception, a NaN row and an out-of-memory error fail only the rows that cause them; a CUDA error makes the
 worker answer the jobs it holds (retryable) and exit with code 70 so that RunPod replaces it; a job stopped by
 RunPod and a job past JOB_TIMEOUT_S leave the queue without reaching the engine. Faults are injected into the real
@@ -22,10 +22,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.gcs_emulator import free_port
-from bench.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
 from bench.stats import Snapshot
 from server.__main__ import EXIT_FATAL_ENGINE, FATAL_EXIT_GRACE_S
+from testing.loopback import free_port
+from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
 from tests.reliability.faulty_worker import CUDA, GATE, NAN, OOM, RAISE, SLOW
 from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
 

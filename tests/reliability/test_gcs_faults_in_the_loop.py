@@ -4,26 +4,22 @@ that need it with a clear, retryable error while other voices flow; the worker r
 
 from __future__ import annotations
 
-import io
 import re
 import uuid
 from collections import Counter
 
 import pytest
-import soundfile as sf
 
-from bench.faultproxy import FaultProxy
-from bench.runpod_fake import COMPLETED, FAILED, FakeRunPod
-from bench.voices import synthetic_voice
+from testing.faultproxy import FaultProxy
+from testing.runpod_fake import COMPLETED, FAILED, FakeRunPod
+from testing.voices import synthetic_voice_wav
 from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
 
 def wav_bytes(f0: float) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, synthetic_voice(3.0, f0=f0), 22050, format="WAV")
-    return buf.getvalue()
+    return synthetic_voice_wav(3.0, f0=f0)
 
 
 BUCKET = f"faults-{uuid.uuid4().hex[:8]}"  # the emulator is shared by the session's tests

@@ -1,4 +1,4 @@
-"""Continuous batching through the real worker (`python -m server` in RunPod's production loop, bench.runpod_fake):
+"""Continuous batching through the real worker (`python -m server` in RunPod's production loop, testing.runpod_fake):
 a short job that arrives while four long jobs decode joins the running batch, is vocoded as soon as it finishes,
 and completes in less than half the long jobs' median latency. Every job succeeds."""
 
@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from bench.runpod_fake import COMPLETED, FakeRunPod
+from testing.runpod_fake import COMPLETED, FakeRunPod
 from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
 
 pytestmark = pytest.mark.slow

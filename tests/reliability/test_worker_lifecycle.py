@@ -1,4 +1,4 @@
-"""Reliability of the real worker process (`python -m server`) in RunPod's production loop (bench.runpod_fake):
+"""Reliability of the real worker process (`python -m server`) in RunPod's production loop (testing.runpod_fake):
 graceful shutdown with jobs in flight, a result POST that RunPod refuses, secrets kept out of everything written.
 
 Each test counts what it sent, what succeeded, what failed with which error, and what was lost (must be zero).
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from bench.runpod_fake import COMPLETED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
-from bench.voices import demo_checkpoint, synthetic_voice
+from testing.runpod_fake import COMPLETED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
+from testing.voices import demo_checkpoint, synthetic_voice, synthetic_voice_wav
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180  # imports + model load + warm-up on a slow shared 2-core machine
@@ -131,7 +131,7 @@ async def test_secrets_never_reach_logs_outputs_or_metrics(tmp_path, service_acc
     emulator.put_object(bucket, "refs/c.wav", _wav_bytes(), "audio/wav")
     gcs_emulator = emulator
     async with FakeRunPod() as fake:
-        from bench.gcs_emulator import free_port
+        from testing.loopback import free_port
 
         port = free_port()
         env = worker_env(fake, tmp_path, STORAGE_BACKEND="gcs", STORAGE_EMULATOR_HOST=gcs_emulator.url,
@@ -162,8 +162,4 @@ async def test_secrets_never_reach_logs_outputs_or_metrics(tmp_path, service_acc
 
 
 def _wav_bytes() -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    sf.write(buf, synthetic_voice(3.0, f0=180.0), 22050, format="WAV")
-    return buf.getvalue()
+    return synthetic_voice_wav(3.0, f0=180.0)

@@ -113,9 +113,25 @@ def test_every_copied_path_exists_and_every_package_is_copied():
         sources.update(parts[:-1])
     missing = sorted(source for source in sources if not (REPO / source).exists())
     assert missing == [], f"the build would fail: {missing} not in the repository"
-    assert set(pyproject["tool"]["setuptools"]["packages"]) <= sources
+    packages = set(pyproject["tool"]["setuptools"]["packages"])
+    assert packages == {"server", "batching", "storage"}, "pyproject.toml installs the worker's packages only"
+    copied_folders = {source.rstrip("/") for source in sources if (REPO / source).is_dir()}
+    assert copied_folders == packages, f"the image carries the worker's packages, and only them: {copied_folders}"
     assert {"start.sh", "pyproject.toml", "requirements.lock"} <= sources
     assert "requirements-test.lock" not in sources
+
+
+def test_the_image_carries_no_benchmark_no_test_double_and_no_test():
+    for arguments in of("COPY"):
+        parts = [part for part in shlex.split(arguments) if not part.startswith("--")]
+        for source in parts[:-1]:
+            top = Path(source).parts[0] if Path(source).parts else "."
+            assert top not in ("bench", "testing", "tests", "."), f"COPY {arguments}: {source} must not enter the image"
+    # ... and the worker's packages never import them (the image would fail at start).
+    for package in ("server", "batching", "storage"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            assert not re.search(r"^\s*(from|import)\s+(bench|testing|tests)\b", text, re.M), f"{path} imports one"
 
 
 def test_baked_model_is_the_default_model_and_a_released_one():

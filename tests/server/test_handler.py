@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 from prometheus_client import CollectorRegistry
 
-from batching import LatentCache, Scheduler, SynthesisResult
+from batching import LatentCache, Scheduler, SpeechResult
 from batching.errors import BatchError
 from server.config import WorkerConfig
 from server.handler import HandlerContext, make_handler
@@ -66,7 +66,7 @@ class ScriptedScheduler:
                 self.cancelled.append(request.request_id)
                 raise
         out = spell(request.text)
-        return SynthesisResult(
+        return SpeechResult(
             wav=out, sample_rate=FakeEngine.sample_rate, duration_s=len(out) / FakeEngine.sample_rate, segments=1,
             queue_wait_s=0.01, engine_s=0.5, conditioning_s=0.2, latent_cache_hit=False, batch_sizes=(3,),
         )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The loopback RunPod service (bench.runpod_fake) against the REAL runpod SDK loop in a separate process.
+"""The loopback RunPod service (testing.runpod_fake) against the REAL runpod SDK loop in a separate process.
 
 The worker process (tests/server/sdk_worker.py) runs `runpod.serverless.start` on the production path (JobScaler)
 because RUNPOD_WEBHOOK_GET_JOB is set; it has a trivial async handler and no model.
@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, FakeRunPod, WorkerProcess
+from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, FakeRunPod, WorkerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_SCRIPT = Path(__file__).with_name("sdk_worker.py")
@@ -214,7 +214,7 @@ def test_command_line_runs_a_worker_against_the_fake_and_summarizes(tmp_path):
     env.update(FAKE_WORKER_CONCURRENCY="4", FAKE_WORKER_MARKER_DIR=str(tmp_path), RUNPOD_LOG_LEVEL="INFO")
     result = subprocess.run(
         [
-            sys.executable, "-m", "bench.runpod_fake", "--jobs", "6", "--input", str(REPO / "test_input.json"),
+            sys.executable, "-m", "testing.runpod_fake", "--jobs", "6", "--input", str(REPO / "test_input.json"),
             "--timeout-s", str(RUN_TIMEOUT_S), "--worker-log", str(tmp_path / "worker.log"),
             "--", sys.executable, str(WORKER_SCRIPT),
         ],

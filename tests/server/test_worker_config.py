@@ -82,6 +82,8 @@ def test_empty_values_count_as_unset():
         ("MAX_CONCURRENCY", "0", "MAX_CONCURRENCY must be an integer >= 1, got '0'"),
         ("MAX_CONCURRENCY", "eight", "MAX_CONCURRENCY must be an integer >= 1, got 'eight'"),
         ("MAX_BATCH_SIZE", "2.5", "MAX_BATCH_SIZE must be an integer >= 1, got '2.5'"),
+        ("MAX_BATCH_SIZE", "1_000", "MAX_BATCH_SIZE must be an integer >= 1, got '1_000'"),  # plain decimal only
+        ("BATCH_WAIT_MS", "1_5", "BATCH_WAIT_MS must be a number >= 0, got '1_5'"),
         ("LATENT_CACHE_SIZE", "-1", "LATENT_CACHE_SIZE must be an integer >= 1, got '-1'"),
         ("MAX_TEXT_CHARS", "0", "MAX_TEXT_CHARS must be an integer >= 1, got '0'"),
         ("METRICS_PORT", "70000", "METRICS_PORT must be an integer from 0 to 65535, got '70000'"),

@@ -18,9 +18,9 @@ import soundfile as sf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from bench.faultproxy import FaultProxy
-from bench.gcs_emulator import GcsEmulator
 from storage import StorageConfig
+from testing.faultproxy import FaultProxy
+from testing.gcs_emulator import GcsEmulator
 
 
 @dataclass(frozen=True)

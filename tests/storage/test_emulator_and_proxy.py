@@ -1,4 +1,4 @@
-"""The test tools themselves: bench.gcs_emulator (start, buckets, always stopped) and bench.faultproxy (as a
+"""The test tools themselves: testing.gcs_emulator (start, buckets, always stopped) and testing.faultproxy (as a
 library and as `python -m`)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from bench.faultproxy import FaultProxy
-from bench.gcs_emulator import GcsEmulator
+from testing.faultproxy import FaultProxy
+from testing.gcs_emulator import GcsEmulator
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,7 @@ async def test_proxy_counts_by_method_and_path_and_injects_faults(emulator, buck
 async def test_proxy_runs_as_a_module(emulator, bucket):
     emulator.put_object(bucket, "m.wav", b"via module", "audio/wav")
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.faultproxy", "--target", emulator.url, "--latency-ms", "10", "--fail", "1",
+        sys.executable, "-m", "testing.faultproxy", "--target", emulator.url, "--latency-ms", "10", "--fail", "1",
         cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         line = (await asyncio.wait_for(child.stdout.readline(), 60)).decode()
@@ -85,7 +85,7 @@ async def test_proxy_runs_as_a_module(emulator, bucket):
 
 async def test_emulator_runs_as_a_module():
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.gcs_emulator", "--bucket", "mod-bucket", cwd=REPO_ROOT,
+        sys.executable, "-m", "testing.gcs_emulator", "--bucket", "mod-bucket", cwd=REPO_ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         line = (await asyncio.wait_for(child.stdout.readline(), 60)).decode().strip()

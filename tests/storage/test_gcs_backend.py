@@ -33,6 +33,7 @@ from storage import (
     open_storage,
     store_result,
 )
+from testing.loopback import LoopbackApp
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,11 +166,8 @@ async def test_rejected_credentials_fail_at_start_with_a_reason(service_account,
 
     app = web.Application()
     app.router.add_post("/token", token)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server = await LoopbackApp(app).start()
+    port = server.port
     credentials = json.loads(service_account.json) | {"token_uri": f"http://127.0.0.1:{port}/token"}
     config = StorageConfig.from_env({"GCS_BUCKET_NAME": "my-bucket", "GCS_CREDENTIALS": json.dumps(credentials),
                                      "STORAGE_RETRY_DEADLINE_S": "10"})
@@ -182,7 +180,7 @@ async def test_rejected_credentials_fail_at_start_with_a_reason(service_account,
         assert "access token (HTTP 400)" in message and service_account.email in message
         assert "PRIVATE KEY" not in message and len(seen) == 1
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 async def test_redirects_are_not_followed(make_config, tmp_path):
@@ -196,18 +194,15 @@ async def test_redirects_are_not_followed(make_config, tmp_path):
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server = await LoopbackApp(app).start()
+    port = server.port
     try:
         async with await open_storage(make_config(ALLOWED_BUCKETS="voices")) as storage:
             with pytest.raises(StorageRequestError, match="redirect"):
                 await storage.download(f"http://127.0.0.1:{port}/voices/a.wav?X-Goog-Signature=s", tmp_path / "x")
         assert hits == ["/voices/a.wav"]
     finally:
-        await runner.cleanup()
+        await server.stop()
 
 
 async def test_cap_holds_without_content_length(make_config, tmp_path):
@@ -225,17 +220,14 @@ async def test_cap_holds_without_content_length(make_config, tmp_path):
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server = await LoopbackApp(app).start()
+    port = server.port
     try:
         async with await open_storage(make_config(ALLOWED_BUCKETS="voices")) as storage:
             with pytest.raises(RefAudioTooLargeError):
                 await storage.download(f"http://127.0.0.1:{port}/voices/a.wav", tmp_path / "x", max_bytes=100_000)
     finally:
-        await runner.cleanup()
+        await server.stop()
     assert len(sent) < 100
 
 

@@ -1,4 +1,4 @@
-"""Fault injection between the GCS backend and the emulator (bench.faultproxy): what is retried, what is not,
+"""Fault injection between the GCS backend and the emulator (testing.faultproxy): what is retried, what is not,
 and that every failure is bounded in time and named clearly."""
 
 from __future__ import annotations

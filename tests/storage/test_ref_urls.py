@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from storage import InvalidRefUrlError, InvalidVoiceIdError, RefLocation, UrlPolicy, parse_ref_url, validate_voice_id
 from storage._http import GuardedResolver, make_session
+from testing.loopback import LoopbackApp
 
 POLICY = UrlPolicy(frozenset({"voices-bucket"}))
 LOOPBACK_POLICY = UrlPolicy(frozenset({"voices-bucket"}), ("127.0.0.1", "localhost", "10.1.2.3"), True)
@@ -191,11 +192,8 @@ async def test_guarded_session_never_connects_to_a_rebound_name():
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    server = await LoopbackApp(app).start()
+    port = server.port
     fake_dns = _FakeResolver("127.0.0.1")
     session = make_session(UrlPolicy(None, ("files.example.test",)), resolver=fake_dns)
     try:
@@ -205,7 +203,7 @@ async def test_guarded_session_never_connects_to_a_rebound_name():
         assert hits == []
     finally:
         await session.close()
-        await runner.cleanup()
+        await server.stop()
 
 
 # IPv6 transition addresses that carry (and lead to) an IPv4 address: judged by that IPv4 address, or refused.

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from gcloud.aio.storage import blob as gcloud_blob
 
 from storage import RefAudioForbiddenError, ReferenceCache, open_storage
+from testing.loopback import LoopbackApp
 
 
 class SignatureGate:
@@ -71,13 +72,10 @@ async def gate(emulator, service_account):
     checker = SignatureGate(emulator.url, service_account.public_key)
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", checker.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    checker.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    server = await LoopbackApp(app).start()
+    checker.url = server.url
     yield checker
-    await runner.cleanup()
+    await server.stop()
 
 
 def through(gate: SignatureGate, signed_url: str) -> str:

@@ -119,13 +119,16 @@ def test_credentials_without_private_key_cannot_sign_results():
 
 
 @pytest.mark.parametrize(("name", "value", "expected"), [
-    ("MAX_REF_BYTES", "lots", "MAX_REF_BYTES must be an integer, got 'lots'"),
-    ("MAX_REF_BYTES", "0", "MAX_REF_BYTES must be >= 1, got 0"),
-    ("SIGNED_URL_TTL_S", "700000", "SIGNED_URL_TTL_S must be <= 604800, got 700000"),
-    ("STORAGE_TIMEOUT_S", "nan", "STORAGE_TIMEOUT_S must be a finite number, got 'nan'"),
-    ("STORAGE_MAX_RETRIES", "-1", "STORAGE_MAX_RETRIES must be >= 0, got -1"),
-    ("ALLOW_LOOPBACK_REF_URLS", "maybe", "ALLOW_LOOPBACK_REF_URLS must be 1/0/true/false, got 'maybe'"),
-    ("STORAGE_BACKEND", "s3", "STORAGE_BACKEND must be 'gcs' or 'local', got 's3'"),
+    # One message shape for every variable of the worker (storage.env): "{NAME} must be {rule}, got {value!r}".
+    ("MAX_REF_BYTES", "lots", "MAX_REF_BYTES must be an integer >= 1, got 'lots'"),
+    ("MAX_REF_BYTES", "0", "MAX_REF_BYTES must be an integer >= 1, got '0'"),
+    ("MAX_REF_BYTES", "1_000", "MAX_REF_BYTES must be an integer >= 1, got '1_000'"),  # plain decimal only
+    ("SIGNED_URL_TTL_S", "700000", "SIGNED_URL_TTL_S must be an integer from 1 to 604800, got '700000'"),
+    ("STORAGE_TIMEOUT_S", "nan", "STORAGE_TIMEOUT_S must be a number >= 0.01, got 'nan'"),
+    ("STORAGE_MAX_RETRIES", "-1", "STORAGE_MAX_RETRIES must be an integer from 0 to 100, got '-1'"),
+    ("ALLOW_LOOPBACK_REF_URLS", "maybe",
+     "ALLOW_LOOPBACK_REF_URLS must be one of 1, true, yes, on, 0, false, no, off, got 'maybe'"),
+    ("STORAGE_BACKEND", "s3", "STORAGE_BACKEND must be one of gcs, local, got 's3'"),
     ("GCS_BUCKET_NAME", "Bad_Bucket!", "GCS_BUCKET_NAME is not a valid bucket name: 'Bad_Bucket!'"),
     ("ALLOWED_BUCKETS", "ok-bucket,UPPER", "ALLOWED_BUCKETS contains an invalid bucket name: 'UPPER'"),
     ("ALLOWED_REF_HOSTS", "https://x.example.com", "ALLOWED_REF_HOSTS entries must be hostnames"),

@@ -1,5 +1,5 @@
 """xtts_storage_retries_total / xtts_storage_errors_total move under injected GCS faults: the real GCS backend
-behind the fault proxy (bench.faultproxy), in front of fake-gcs-server, feeding the worker's own metrics."""
+behind the fault proxy (testing.faultproxy), in front of fake-gcs-server, feeding the worker's own metrics."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@
         proxy.clear()                              # no faults, no latency (counters kept)
 
 Faults can be limited to paths containing a substring (`path_contains=`) and to a method. Counters record every
-request that reached the proxy, faulted or not. `python -m bench.faultproxy --target URL --latency-ms 50` runs one
+request that reached the proxy, faulted or not. `python -m testing.faultproxy --target URL --latency-ms 50` runs one
 until Ctrl-C. The Host header is rewritten to the target's, so fake-gcs-server's `-public-host` still matches.
 """
 
@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+
+from testing.loopback import LoopbackApp
 
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                "transfer-encoding", "upgrade", "host", "content-length"}
@@ -60,7 +62,7 @@ class FaultProxy:
         self.counts: Counter[tuple[str, str]] = Counter()
         self.log: list[tuple[str, str, int | str]] = []  # (method, path, status or "reset")
         self._faults: list[_Fault] = []
-        self._runner: web.AppRunner | None = None
+        self._server: LoopbackApp | None = None
         self._client: aiohttp.ClientSession | None = None
         self.port: int | None = None
 
@@ -103,17 +105,15 @@ class FaultProxy:
         app = web.Application(client_max_size=1024**3)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._client = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.requested_port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._server = await LoopbackApp(app, port=self.requested_port, access_log=None,
+                                         handler_cancellation=True).start()  # fmt: skip
+        self.port = self._server.port
         return self
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
         if self._client is not None:
             await self._client.close()
             self._client = None

@@ -1,6 +1,6 @@
 """Engine benchmark: the seed's path against the batched engine, side by side in ONE run on one model.
 
-    python -m bench.engine [--size small] [--requests 16] [--voices 4] [--batch-sizes 1,4,8,16] [--device cpu]
+    python -m bench engine [--size small] [--requests 16] [--voices 4] [--batch-sizes 1,4,8,16] [--device cpu]
 
 (a) seed path: per request, speaker conditioning from the reference file (`Xtts.get_conditioning_latents`)
     and stock `Xtts.inference`, one request at a time, as the seed worker does;
@@ -58,15 +58,16 @@ def make_requests(n: int, voices: int, seed: int) -> list[Request]:
     return [Request(*rng.choice(TEXTS), voice=i % voices, seed=rng.randrange(1 << 31)) for i in range(n)]
 
 
-def write_voices(folder: Path, voices: int) -> list[Path]:
+def write_voices(folder: Path, voices: int, seconds: float = 6.0) -> list[Path]:
+    """The benchmark's reference voices (distinct synthetic voices, `seconds` each) as WAV files in `folder`."""
     import soundfile as sf
 
-    from bench.voices import synthetic_voice
+    from testing.voices import synthetic_voice
 
     paths = []
     for i in range(voices):
         path = folder / f"voice{i}.wav"
-        sf.write(path, synthetic_voice(6.0, f0=100 + 37 * i, seed=i), 22050)
+        sf.write(path, synthetic_voice(seconds, f0=100 + 37 * i, seed=i), 22050)
         paths.append(path)
     return paths
 
@@ -143,7 +144,7 @@ def vocoder_alone(engine, requests: list[Request], latents: list, params) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small", "full"])
     parser.add_argument("--model-dir", help="a checkpoint folder instead of a demo one")
     parser.add_argument("--requests", type=int, default=16)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from batching.engine import SamplingParams, XttsEngine
     from batching.stock import StockEngine
-    from bench.voices import demo_checkpoint
+    from testing.voices import demo_checkpoint
 
     batch_sizes = [int(b) for b in ns.batch_sizes.split(",")]
     model_dir = Path(ns.model_dir) if ns.model_dir else demo_checkpoint(ns.size)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                      "audio_s": audio, "wall_s": wall, "audio_s_per_s": audio / wall,
                      "ratio": audio / wall / seed_rate})  # fmt: skip
 
-    command = "python -m bench.engine " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench engine " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command.strip(),

@@ -1,6 +1,6 @@
 """Synthesize one file from the command line, straight through the engine (no queue, no storage).
 
-    python -m batching.synthesize --model-dir DIR --ref voice.wav --text "Olá!" --language pt -o out.wav
+    python -m batching --model-dir DIR --ref voice.wav --text "Olá!" --language pt -o out.wav
 
 A quick way to check a checkpoint, a device and a reference voice before starting the worker.
 """
@@ -13,7 +13,7 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batching.synthesize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m batching", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", help="checkpoint folder (default: the released XTTS-v2, needs the weights)")
     parser.add_argument("--ref", required=True, help="reference voice audio file (WAV, FLAC, OGG or MP3)")
     parser.add_argument("--text", required=True)

@@ -7,7 +7,7 @@
 
 It runs `-scheme http -backend memory -host 127.0.0.1 -port PORT -public-host 127.0.0.1:PORT`, waits until the
 JSON API answers, and is killed on exit, on a failed start, and at interpreter exit. Unlike the wrapper's own
-class it never touches `os.environ`. `python -m bench.gcs_emulator --bucket voices` runs one until Ctrl-C.
+class it never touches `os.environ`. `python -m testing.gcs_emulator --bucket voices` runs one until Ctrl-C.
 Set FAKE_GCS_SERVER_BIN to use another binary.
 """
 
@@ -19,15 +19,14 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+
+from testing.loopback import ServerProcess, free_port
 
 
 def find_binary() -> Path:
@@ -46,31 +45,6 @@ def find_binary() -> Path:
     return binary
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float, *, what: str,
-                  log_tail: Callable[[], str] = lambda: "", interval_s: float = 0.25) -> None:
-    """Wait until `url` answers 200 while `process` (the server behind it) runs; RuntimeError, with the
-    server's log tail, when it exits first or does not answer within `timeout_s`."""  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode} while starting:\n{log_tail()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not answer {url} within {timeout_s:g} s:\n{log_tail()}")
-        time.sleep(interval_s)
-
-
 class GcsEmulator:
     """A fake-gcs-server process on 127.0.0.1. Start with `start()` or `with`; always `stop()`."""
 
@@ -80,8 +54,7 @@ class GcsEmulator:
         self.requested_port = port
         self.ready_timeout_s = ready_timeout_s
         self.port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._server: ServerProcess | None = None
 
     @property
     def host(self) -> str:
@@ -91,20 +64,24 @@ class GcsEmulator:
     def url(self) -> str:
         return f"http://{self.host}"
 
+    @property
+    def _process(self) -> subprocess.Popen[bytes] | None:
+        return None if self._server is None else self._server.process
+
     def start(self) -> GcsEmulator:
         binary = find_binary()
         attempts = 1 if self.requested_port else 3  # a free port can be taken before the server binds it
         for attempt in range(attempts):
             self.port = self.requested_port or free_port()
-            self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-", suffix=".log")
-            self._process = subprocess.Popen(
-                [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                 "-port", str(self.port), "-public-host", self.host, "-external-url", self.url,
-                 "-log-level", "warn"],
-                stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+            fd, log_path = tempfile.mkstemp(prefix="fake-gcs-", suffix=".log")
+            os.close(fd)
+            self._server = ServerProcess(
+                [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port),
+                 "-public-host", self.host, "-external-url", self.url, "-log-level", "warn"],
+                log_path, what="fake-gcs-server", stop_timeout_s=5.0).start()  # fmt: skip
             atexit.register(self.stop)
             try:
-                self._wait_ready()
+                self._server.wait_ready(f"{self.url}/storage/v1/b", self.ready_timeout_s, interval_s=0.05)
                 break
             except RuntimeError:
                 self.stop()
@@ -119,17 +96,10 @@ class GcsEmulator:
         return self
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+            server.log_path.unlink(missing_ok=True)
         atexit.unregister(self.stop)
 
     def __enter__(self) -> GcsEmulator:
@@ -158,19 +128,6 @@ class GcsEmulator:
             request.add_header("Content-Type", content_type)
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
-
-    def _wait_ready(self) -> None:
-        assert self._process is not None
-        wait_for_http(f"{self.url}/storage/v1/b", self._process, self.ready_timeout_s, what="fake-gcs-server",
-                      log_tail=self._log_tail, interval_s=0.05)  # fmt: skip
-
-    def _log_tail(self) -> str:
-        if self._log is None:
-            return ""
-        try:
-            return Path(self._log.name).read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
 
 
 def main(argv: list[str] | None = None) -> None:

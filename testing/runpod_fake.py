@@ -35,7 +35,7 @@ Use it from a test (one event loop; call the methods from that loop):
 
 Or from the command line (prints the environment, or runs a worker command against it):
 
-    python -m bench.runpod_fake --jobs 40 --input test_input.json -- python -m server
+    python -m testing.runpod_fake --jobs 40 --input test_input.json -- python -m server
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ import collections
 import json
 import os
 import signal
-import statistics
 import sys
 import time
 import uuid
@@ -56,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from testing.loopback import LoopbackApp
 
 # Job states, as RunPod names them.
 QUEUED = "IN_QUEUE"
@@ -143,7 +144,7 @@ class FakeRunPod:
         self._stops: list[str] = []
         self._post_failures: list[_PostFailure] = []
         self._changed = asyncio.Event()
-        self._runner: web.AppRunner | None = None
+        self._server: LoopbackApp | None = None
         self._counter = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -157,17 +158,15 @@ class FakeRunPod:
         app.router.add_post(prefix + "/job-done/{worker}/{job_id}", self._job_done)
         app.router.add_post(prefix + "/job-stream/{worker}/{job_id}", self._job_stream)
         app.router.add_get(prefix + "/ping/{worker}", self._ping)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._server = await LoopbackApp(app, host=self.host, port=self.port, access_log=None,
+                                         handle_signals=False, shutdown_timeout=0.5).start()  # fmt: skip
+        self.port = self._server.port
         return self
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
 
     async def __aenter__(self) -> FakeRunPod:
         return await self.start()
@@ -450,25 +449,18 @@ class WorkerProcess:
 
 
 def summarize(jobs: Iterable[FakeJob], wall_s: float) -> dict[str, Any]:
-    """Counts by state, throughput and latency percentiles (enqueue to result) of finished jobs."""
+    """Counts by state, throughput and latency statistics (enqueue to result) of finished jobs."""
+    from bench.stats import summarize as summarize_values  # the benchmark's percentiles; only this summary uses them
+
     jobs = list(jobs)
-    latencies = sorted(j.done_at - j.enqueued_at for j in jobs if j.done_at is not None and j.state != CANCELLED)
-
-    def pct(p: float) -> float | None:
-        if not latencies:
-            return None
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 4)
-
+    latencies = [j.done_at - j.enqueued_at for j in jobs if j.done_at is not None and j.state != CANCELLED]
     completed = sum(1 for j in jobs if j.state == COMPLETED)
     return {
         "jobs": len(jobs),
         "states": dict(collections.Counter(j.state for j in jobs)),
         "wall_s": round(wall_s, 4),
         "jobs_per_s": round(completed / wall_s, 4) if wall_s > 0 else None,
-        "latency_s": {
-            "p50": pct(0.5), "p95": pct(0.95), "max": pct(1.0),
-            "mean": round(statistics.fmean(latencies), 4) if latencies else None,
-        },  # fmt: skip
+        "latency_s": summarize_values(latencies),
         "errors": [j.result.get("error") for j in jobs if j.state == FAILED and j.result][:10],
     }
 
@@ -510,7 +502,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.runpod_fake",
+        prog="python -m testing.runpod_fake",
         description="Serve RunPod's job protocol on 127.0.0.1, queue jobs, wait for their results, print a summary.",
     )
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 from batching.demo import synthetic_voice
 
 ROOT = Path(__file__).resolve().parents[1]
-__all__ = ["CACHE", "demo_checkpoint", "synthetic_voice"]
+__all__ = ["CACHE", "demo_checkpoint", "synthetic_voice", "synthetic_voice_wav"]
 CACHE = Path(os.environ.get("XTTS_TEST_CACHE", ROOT / ".cache"))
 
 
@@ -22,3 +23,10 @@ def demo_checkpoint(size: str, seed: int = 0) -> Path:
     return folder
 
 
+def synthetic_voice_wav(seconds: float = 3.0, sr: int = 22050, f0: float = 140.0, seed: int = 0) -> bytes:
+    """`synthetic_voice(seconds, sr, f0, seed)` as a 16-bit PCM WAV file, in memory."""
+    import soundfile as sf
+
+    buffer = io.BytesIO()
+    sf.write(buffer, synthetic_voice(seconds, sr=sr, f0=f0, seed=seed), sr, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()

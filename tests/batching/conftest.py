@@ -1,0 +1,38 @@
+"""Fixtures of the scheduler tests: a hand-moved clock, and `make_scheduler`, which builds started schedulers around
+a fake engine and closes every one it made. Each test module names its fake engine class in a `fake_engine`
+fixture (tests/batching/test_scheduler.py: whole batches; test_continuous_scheduler.py: step by step)."""
+
+import pytest
+
+from batching.latents import LatentCache
+from batching.scheduler import Scheduler
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+async def make_scheduler(fake_engine):
+    """`await make_scheduler(engine=None, **settings)` -> (a started Scheduler, its engine): a fresh
+    `fake_engine()` unless one is given, a Clock, 4 rows a batch and no wait for company unless `settings` say
+    otherwise."""
+    made = []
+
+    async def make(engine=None, **kw):
+        engine = engine or fake_engine()
+        kw.setdefault("clock", Clock())
+        kw.setdefault("max_batch_size", 4)
+        kw.setdefault("batch_wait_s", 0.0)
+        s = Scheduler(engine, LatentCache(16, None, "test"), **kw)
+        await s.start()
+        made.append(s)
+        return s, engine
+
+    yield make
+    for s in made:
+        await s.close()
