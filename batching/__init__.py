@@ -27,6 +27,8 @@ _EXPORTS = {
     "Scheduler": "batching.scheduler",
     "SpeechRequest": "batching.scheduler",
     "SpeechResult": "batching.scheduler",
+    "StreamSettings": "batching.scheduler",
+    "AudioChunk": "batching.streaming",
 }
 
 __all__ = sorted(_EXPORTS)

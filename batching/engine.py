@@ -417,6 +417,11 @@ class XttsEngine:
         out = decoder(batch, g=g)
         return [_to_numpy(out[i, :, : self.samples_for(lat.shape[1])]) for i, lat in enumerate(rows)]
 
+    @property
+    def vocoder_hop(self) -> int:
+        """Samples per vocoder frame (HiFi-GAN's hop at the output rate: 256 for XTTS-v2)."""
+        return int(self.model.hifigan_decoder.output_hop_length)
+
     def samples_for(self, n_latents: int) -> int:
         """Waveform length HiFi-GAN gives for n latents (its two linear interpolations, then its hop)."""
         decoder = self.model.hifigan_decoder

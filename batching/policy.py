@@ -8,7 +8,10 @@ No awaits, no torch, no clock reads, no metrics: the scheduler passes everything
    `batch_wait_s`: wait for company (a batch that starts together shares its prefill). While rows run, arrivals
    join at the next step: no wait.
 3. Otherwise waiting segments join oldest first (strictly: a segment that does not fit holds the younger ones
-   back, so a long segment is never starved by short ones) while the batch stays within both budgets:
+   back, so a long segment is never starved by short ones) while the batch stays within both budgets. "Oldest"
+   is by when the audio is needed: at arrival, except for a streamed request's later segments, which are needed
+   only once the segments before them have played (`Waiting.due`, set by the scheduler): the first segments of
+   other streams go before them, so every stream starts early; a due time is finite, so nothing starves.
    - rows: at most `max_rows` running;
    - KV positions: rows x the largest row reservation (prefix + longest audio the row may reach) stays within
      `max_positions`. The running cache holds at most rows x max(prefix + tokens so far) positions, padding
@@ -47,6 +50,12 @@ class Waiting:
     enqueued_at: float  # seconds, on the scheduler's clock
     order: int  # arrival order, to break ties deterministically
     positions: int = 0  # KV positions the row may come to hold (continuous scheduling's budget)
+    due: float | None = None  # when its audio is needed, if not at once (a streamed request's later segments)
+
+    @property
+    def rank(self) -> tuple[float, int]:
+        """Admission order: by when the audio is needed (arrival, unless `due` says later), then arrival order."""
+        return (self.enqueued_at if self.due is None else self.due, self.order)
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,7 @@ def next_admission(
         raise ValueError(f"max_positions must be an integer >= 1, got {max_positions}")
     if not waiting:
         return Idle()
-    ordered = sorted(waiting, key=lambda w: (w.enqueued_at, w.order))
+    ordered = sorted(waiting, key=lambda w: w.rank)
     chosen = []
     rows, span = running_rows, running_span
     for w in ordered:
@@ -119,8 +128,9 @@ def next_admission(
     # An idle engine waits for company while there is room for it (a batch that starts together shares its
     # prefill); while rows run, arrivals join at once.
     room = len(chosen) == len(ordered) and rows < max_rows
-    if running_rows == 0 and room and now - ordered[0].enqueued_at < batch_wait_s:
-        return WaitUntil(ordered[0].enqueued_at + batch_wait_s)
+    first = min(w.enqueued_at for w in ordered)
+    if running_rows == 0 and room and now - first < batch_wait_s:
+        return WaitUntil(first + batch_wait_s)
     return Batch(tuple(chosen))
 
 

@@ -35,6 +35,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -95,23 +96,23 @@ class Observer:
     # Continuous scheduling: once per decoding step, and once per admission.
     def step_done(self, rows: int, seconds: float, kv_positions: int, kv_budget: int) -> None: ...
     def rows_admitted(self, count: int) -> None: ...
+    def rows_evicted(self, running: int) -> None: ...  # rows left without finishing; `running` remain
     # Streamed requests: once per vocoded span, with the frames the vocoder ran on and those it gave out.
     def span_vocoded(self, seconds: float, frames: int, given: int) -> None: ...
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """How a streamed request's audio is cut: a first span of `first_frames` vocoder frames (about 10.7 ms each
-    for XTTS), each next one twice as long, up to `max_frames`. Short first spans give the first audio early;
-    long later ones cost the vocoder fewer margins (batching.vocoder) and the caller fewer messages."""
+    """How a streamed request's audio is cut: a first span of `first_s` seconds of audio, each next one twice as
+    long, up to `max_s` (STREAM_FIRST_CHUNK_S, STREAM_MAX_CHUNK_S). A short first span gives the first audio
+    early; long later ones cost the vocoder fewer margins (batching.vocoder) and the caller fewer messages."""
 
-    first_frames: int = 47
-    max_frames: int = 750
+    first_s: float = 0.5
+    max_s: float = 8.0
 
     def __post_init__(self):
-        if self.first_frames < 1 or self.max_frames < self.first_frames:
-            raise ValueError(f"stream spans must be 1 <= first <= max frames, got {self.first_frames}, "
-                             f"{self.max_frames}")  # fmt: skip
+        if not 0 < self.first_s <= self.max_s:
+            raise ValueError(f"stream chunks must be 0 < first <= max seconds, got {self.first_s}, {self.max_s}")
 
 
 class _Request:
@@ -131,6 +132,7 @@ class _Request:
         self.joiner: StreamJoiner | None = None
         self.chunks: asyncio.Queue | None = None
         self.vocoders: dict[int, object] = {}  # segment index -> its RowVocoder (engine thread objects)
+        self.spans: dict[int, list[np.ndarray]] = {}  # segment index -> its spans so far (vocoder_span_s)
         self.span_frames = 0  # the next span's length for the current segment
 
     @property
@@ -170,6 +172,7 @@ class Scheduler:
         scheduling: str = "continuous",
         max_batch_tokens: int = 0,
         stream_settings: StreamSettings | None = None,
+        vocoder_span_s: float | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"MAX_BATCH_SIZE must be an integer >= 1, got {max_batch_size}")
@@ -187,6 +190,13 @@ class Scheduler:
         self.engine = engine
         self.latents = latents
         self.stream_settings = stream_settings or StreamSettings()
+        # Spans are counted in vocoder frames: `hop` samples each at the engine's output rate.
+        frame_s = getattr(engine, "vocoder_hop", 256) / getattr(engine, "sample_rate", 24000)
+        self._first_frames = max(1, math.ceil(self.stream_settings.first_s / frame_s))
+        self._max_frames = max(self._first_frames, round(self.stream_settings.max_s / frame_s))
+        # Continuous, per-row vocoding: finished rows vocoded in spans of at most this many frames (None: whole).
+        spans_apply = self.continuous and not getattr(engine, "vocoder_batched", False) and vocoder_span_s
+        self._span_cap = max(1, round(vocoder_span_s / frame_s)) if spans_apply else None
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.clock = clock
@@ -284,6 +294,8 @@ class Scheduler:
         finally:
             if not request.future.done():
                 self._abandon(request)
+            elif not request.future.cancelled():
+                request.future.exception()  # seen through the queue: not an exception "never retrieved"
 
     async def _enqueue(self, req: SpeechRequest, *, stream: bool) -> _Request:
         if self._closed:
@@ -297,15 +309,18 @@ class Scheduler:
         if stream:
             request.joiner = StreamJoiner(len(segments), self.engine.sample_rate)
             request.chunks = asyncio.Queue()
-            request.span_frames = self.stream_settings.first_frames
+            request.span_frames = self._first_frames
         self.observer.conditioning_done(request.conditioning_s, hit)
         if self._closed:
             raise SchedulerClosedError("the worker is shutting down; retry the job")
         now = self.clock()
+        ahead_s = 0.0  # audio of the segments before this one (streamed: when this one's audio is needed)
         for i, seg in enumerate(segments):
             row = _Row(request, i, next(self._order), row_seed(req.params.seed))
             positions = self.engine.reserve_positions(self._segment(row)) if self.continuous else 0
-            self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order, positions)
+            due = now + ahead_s if stream and i > 0 else None
+            self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order, positions, due)
+            ahead_s += len(seg.text) / SPOKEN_CHARS_PER_S / max(req.params.speed, 0.05)
         self.observer.queue_depth(len(self._waiting))
         self._wake.set()
         return request
@@ -484,6 +499,8 @@ class Scheduler:
             for row in gone:
                 del self._running[row]
                 self._row_peak.pop(row, None)
+            if gone:
+                self.observer.rows_evicted(len(self._running))
             for row in [r for r in self._finished if r.request.finished]:
                 del self._finished[row]
             self._oom_rows = {r for r in self._oom_rows if r in self._waiting or r in self._running}
@@ -552,7 +569,7 @@ class Scheduler:
         shortest first (policy.next_vocode), a finished row or the next span of a streamed request's current
         segment. Where the engine vocodes in batches (CUDA), every pending finished row in one batch, and one span.
         """
-        whole = {r: v for r, v in self._finished.items() if not r.request.streamed}
+        whole = {r: v for r, v in self._finished.items() if not self._in_spans(r)}
         spans = self._span_candidates()
         first = [c for c in spans if c.first]
         if first:
@@ -573,14 +590,26 @@ class Scheduler:
             return [], []
         return ([], [key]) if isinstance(key, _Span) else ([key], [])
 
+    def _in_spans(self, row: _Row) -> bool:
+        """Is this finished row vocoded span by span (streamed, or vocoder_span_s set) rather than whole?"""
+        return row.request.streamed or self._span_cap is not None
+
     def _span_candidates(self) -> list[_Span]:
         """Spans of streamed rows the vocoder could take now: the current segment's next span (once that many
         frames are settled, or its row finished), and any finished later segment whole."""
         out = []
-        rows = [r for r in self._running if r.request.streamed] + [r for r in self._finished if r.request.streamed]
+        rows = [r for r in self._running if r.request.streamed] + [r for r in self._finished if self._in_spans(r)]
         for row in rows:
             request = row.request
             if request.finished:
+                continue
+            if not request.streamed:  # a finished row vocoded in spans of at most vocoder_span_s
+                f = self._finished[row][0]
+                vocoder = request.vocoders.get(row.index)
+                if vocoder is None:
+                    vocoder = request.vocoders[row.index] = self.engine.row_vocoder(self._segment(row))
+                frames = min(vocoder.ready(len(f.latents), final=True), self._span_cap)
+                out.append(_Span(row, vocoder, f, self._span_cap, frames, False))
                 continue
             current = row.index == request.joiner.current
             finished = self._finished[row][0] if row in self._finished else None
@@ -696,10 +725,17 @@ class Scheduler:
             request.fail(BatchError("generation produced non-finite audio (NaN or inf) for this segment"))
             return
         self.observer.vocoder_done(seconds)
-        self.observer.span_vocoded(seconds, work, len(wav))
+        self.observer.span_vocoded(seconds, work, len(wav) // getattr(self.engine, "vocoder_hop", 256))
         request.engine_s += seconds
+        if not request.streamed:  # a non-streamed row vocoded in spans: whole once its last span is in
+            parts = request.spans.setdefault(row.index, [])
+            parts.append(wav)
+            if done:
+                f = self._finished.pop(row)[0]
+                self._deliver(row, SegmentAudio(f.codes, np.concatenate(parts)), 0.0, self._row_peak.pop(row, 1))
+            return
         if job.max_frames is not None:  # the current segment's span: the next one is longer
-            request.span_frames = min(2 * request.span_frames, self.stream_settings.max_frames)
+            request.span_frames = min(2 * request.span_frames, self._max_frames)
         self._give(request, row.index, wav, ended=done)
         if done:
             f = self._finished.pop(row)[0]
@@ -789,6 +825,9 @@ class _Tick:
     kv_positions: int = 0
     spans: list = field(default_factory=list)  # (span, samples, error, seconds, frames vocoded, row done)
 
+
+# About how fast speech goes (XTTS at speed 1, most languages): to tell when a streamed segment's audio is needed.
+SPOKEN_CHARS_PER_S = 15.0
 
 # A span of a row still decoding counts as finishing after every row that has finished (policy.next_vocode).
 _RUNNING_ORDER = 1 << 62

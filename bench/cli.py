@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default="tiny", choices=["tiny", "small", "full"], help="demo checkpoint size")
     g.add_argument("--model-dir", help="a checkpoint folder instead of a demo checkpoint")
     g.add_argument("--device", default="cpu", help="XTTS_DEVICE of the worker: cpu, cuda, cuda:N, auto")
+    g.add_argument("--stream", action="store_true",
+                   help="compare streamed with non-streamed jobs: --configs continuous,streaming (time to first "
+                        "audio beside latency)")
     g.add_argument("--configs", default="baseline,batched",
                    help="configurations to run, in order: baseline (the seed: XTTS_ENGINE=stock, "
                    "MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0, LATENT_CACHE=off), unbatched (the "
@@ -146,6 +149,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not args.concurrencies and not args.rates and not args.soak_jobs:
         parser.error("nothing to run: give --concurrencies, --rates or --soak-jobs")
     if args.target == "local":
+        if args.stream:
+            args.configs = "continuous,streaming"
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         bad = [c for c in configs if c not in CONFIG_NAMES]
         if bad or not configs:

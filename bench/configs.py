@@ -4,7 +4,9 @@
 - unbatched: this worker's engine with the seed's settings (what the engine alone buys, without batching or caches);
 - batched: the worker as deployed;
 - static / continuous: the worker as deployed with SCHEDULING=static (whole batches run to completion) or
-  SCHEDULING=continuous (the default: rows join and leave at every decoding step), to compare the two in one run.
+  SCHEDULING=continuous (the default: rows join and leave at every decoding step), to compare the two in one run;
+- streaming: continuous with STREAMING=on (each job's audio streams before its result), against continuous: time
+  to first audio beside the non-streamed latency of the same jobs (`python -m bench --stream`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ UNBATCHED_SETTINGS: dict[str, str] = {
     "LATENT_CACHE_DIR": "",
 }
 BASELINE_SETTINGS: dict[str, str] = {**UNBATCHED_SETTINGS, "XTTS_ENGINE": "stock"}
-CONFIG_NAMES = ("baseline", "unbatched", "batched", "static", "continuous")
+CONFIG_NAMES = ("baseline", "unbatched", "batched", "static", "continuous", "streaming")
 
 
 def batched_settings(max_concurrency: int = 32, max_batch_size: int = 8, batch_wait_ms: float = 15) -> dict:
@@ -44,4 +46,5 @@ def config_settings(max_concurrency: int = 32, max_batch_size: int = 8,
         "batched": batched,
         "static": {**batched, "SCHEDULING": "static"},
         "continuous": {**batched, "SCHEDULING": "continuous"},
+        "streaming": {**batched, "SCHEDULING": "continuous", "STREAMING": "on"},
     }

@@ -158,6 +158,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_pct((caches.get('latents') or {}).get('hit_rate'))} | "
                 f"{_pct((caches.get('reference_audio') or {}).get('hit_rate'))} | {_f(p.get('peak_rss_mb'), 0)} |"
             )
+    streamed = [(run["run"], p) for run in report.get("runs", []) for p in run.get("points", [])
+                if (p.get("first_audio_s") or {}).get("n")]  # fmt: skip
+    if streamed:
+        lines += ["", "## Time to first audio (streamed runs)", "",
+                  "From the job's submission to its first stream message's arrival at the fake RunPod service.", "",
+                  "| run | point | jobs | first audio p50 s | p95 s | latency p50 s | p95 s |",
+                  "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for name, p in streamed:
+            fa, lat = p["first_audio_s"], p["latency_s"]
+            lines.append(f"| {name} | {p['label']} | {fa['n']} | {_f(fa['p50'])} | {_f(fa['p95'])} | "
+                         f"{_f(lat['p50'])} | {_f(lat['p95'])} |")
     errors = [(run["run"], p["label"], s) for run in report.get("runs", [])
               for p in run.get("points", []) + ([run["soak"]] if run.get("soak") else [])
               for s in p.get("error_samples", [])]  # fmt: skip
@@ -167,16 +178,23 @@ def markdown(report: dict[str, Any]) -> str:
 
     for comparison in report.get("ratios", []):
         short = any(r.get("p50_latency_short") is not None for r in comparison["points"])
+        first = any(r.get("p50_first_audio") is not None for r in comparison["points"])
         lines += ["", f"## {comparison['numerator']} / {comparison['denominator']}", "",
                   "Throughput ratios above 1 and latency ratios below 1 favour "
-                  f"`{comparison['numerator']}`.", "",
+                  f"`{comparison['numerator']}`."
+                  + (" First audio: the streamed jobs' time to first audio over the other side's latency."
+                     if first else ""), "",
                   "| point | audio-s/s | jobs/s | chars/s | p50 latency | p95 latency | p99 latency "
-                  + ("| p50 latency, short jobs (<= 60 chars) " if short else "") + "| same audio |",
-                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if short else "") + "---|"]  # fmt: skip
+                  + ("| p50 latency, short jobs (<= 60 chars) " if short else "")
+                  + ("| p50 first audio / p50 latency | p95 first audio / p95 latency " if first else "")
+                  + "| same audio |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if short else "") + ("---:|---:|" if first else "")
+                  + "---|"]  # fmt: skip
         for r in comparison["points"]:
             lines.append(f"| {r['label']} | {_x(r['audio_s_per_s'])} | {_x(r['jobs_per_s'])} | "
                          f"{_x(r['chars_per_s'])} | {_x(r['p50_latency'])} | {_x(r['p95_latency'])} | "
                          f"{_x(r['p99_latency'])} | " + (f"{_x(r['p50_latency_short'])} | " if short else "")
+                         + (f"{_x(r.get('p50_first_audio'))} | {_x(r.get('p95_first_audio'))} | " if first else "")
                          + f"{'yes' if r.get('same_audio') else 'NO'} |")  # fmt: skip
 
     for comparison in report.get("gcs_latency_comparison", []):

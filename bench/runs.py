@@ -225,7 +225,8 @@ class Bench:
         for run in runs:
             # Every run against the baseline (the seed); batched also against unbatched (what batching and the
             # caches buy on this worker's own engine).
-            denominators = {"batched": ("baseline", "unbatched"), "continuous": ("baseline", "static")}
+            denominators = {"batched": ("baseline", "unbatched"), "continuous": ("baseline", "static"),
+                            "streaming": ("baseline", "continuous")}
             for denominator in denominators.get(run["config"], ("baseline",)):
                 base = next((r for r in runs if r["config"] == denominator
                              and r["gcs_latency_ms"] == run["gcs_latency_ms"]), None)  # fmt: skip

@@ -74,6 +74,7 @@ def summarize_point(point: PointPlan, records: Sequence[JobRecord], wall_s: floa
         "rtf": round(wall_s / audio, 4) if audio > 0 else None,
         "latency_s": summarize(r.latency_s for r in done),
         "latency_short_s": summarize(r.latency_s for r in done if r.chars <= SHORT_JOB_CHARS),
+        "first_audio_s": summarize(r.first_audio_s for r in done),  # streamed jobs only
         "platform_queue_s": summarize(r.platform_queue_s for r in done),
         "queue_wait_s": summarize(r.queue_wait_s for r in done),
         "synthesis_s": summarize(r.synthesis_s for r in done),
@@ -110,6 +111,9 @@ def compare_points(numerator: dict, denominator: dict) -> dict[str, Any]:
             "p99_latency": ratio(p["latency_s"]["p99"], q["latency_s"]["p99"]),
             "p50_latency_short": ratio((p.get("latency_short_s") or {}).get("p50"),
                                        (q.get("latency_short_s") or {}).get("p50")),
+            # Streamed jobs: time to first audio against the other side's whole latency for the same jobs.
+            "p50_first_audio": ratio((p.get("first_audio_s") or {}).get("p50"), q["latency_s"]["p50"]),
+            "p95_first_audio": ratio((p.get("first_audio_s") or {}).get("p95"), q["latency_s"]["p95"]),
             # The same jobs must give the same audio (demo lengths follow the text): a check that both sides
             # were offered, and completed, the same work.
             "same_audio": bool(p.get("audio_s") and q.get("audio_s")

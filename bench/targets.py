@@ -54,6 +54,7 @@ class JobRecord:
     latency_s: float | None = None  # end to end: submitted -> result available to the client
     platform_queue_s: float | None = None  # time in RunPod's queue before a worker took it (fake: take - enqueue)
     execution_s: float | None = None  # RunPod's executionTime (endpoint target), seconds
+    first_audio_s: float | None = None  # streamed jobs: submitted -> first stream message (fake: its arrival)
     error: str | None = None
     # From the job's output (the worker's own account):
     audio_s: float | None = None  # "duration"
@@ -70,6 +71,8 @@ class JobRecord:
         return self.status == COMPLETED
 
     def take_output(self, output: Any) -> None:
+        if isinstance(output, list):  # a streamed job's aggregate: its items, the result last
+            output = next((i for i in reversed(output) if isinstance(i, dict) and i.get("type") == "result"), None)
         if not isinstance(output, dict):
             return
 
@@ -141,6 +144,8 @@ class LocalTarget:
             record.latency_s = fj.done_at - fj.enqueued_at
         if fj.taken_at is not None:
             record.platform_queue_s = fj.taken_at - fj.enqueued_at
+        if fj.stream_at and fj.stream[0].get("output", {}).get("type") == "audio":
+            record.first_audio_s = fj.stream_at[0] - fj.enqueued_at
         if fj.state == COMPLETED:
             record.take_output(fj.output)
         elif fj.state == FAILED:

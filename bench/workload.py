@@ -102,6 +102,8 @@ PROFILES: dict[str, dict[str, float]] = {
     "mixed": {"reply": 0.45, "sentence": 0.40, "paragraph": 0.15},
     # Narration: paragraphs dominate.
     "long": {"reply": 0.15, "sentence": 0.45, "paragraph": 0.40},
+    # Paragraphs only (2 to 5 sentences, cut at --max-chars): what streaming is for.
+    "paragraphs": {"reply": 0.0, "sentence": 0.0, "paragraph": 1.0},
 }
 DEFAULT_LANGUAGE_MIX: dict[str, float] = {"pt": 0.35, "en": 0.30, "es": 0.15, "fr": 0.08, "de": 0.07, "it": 0.05}
 PARAGRAPH_SENTENCES = (2, 5)  # inclusive range

@@ -78,6 +78,7 @@ def make_context_builder(config, engine, metrics):
 
     async def build():
         from batching import LatentCache, Scheduler, model_fingerprint
+        from batching.scheduler import StreamSettings
         from server.handler import HandlerContext
         from server.metrics import SchedulerMetrics, StorageMetrics
         from storage import ReferenceCache, open_storage
@@ -97,6 +98,8 @@ def make_context_builder(config, engine, metrics):
             max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
             observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
             scheduling=config.scheduling, max_batch_tokens=config.max_batch_tokens,
+            stream_settings=StreamSettings(config.stream_first_chunk_s, config.stream_max_chunk_s),
+            vocoder_span_s=config.vocoder_span_s or None,
         )  # fmt: skip
         await scheduler.start()
 
@@ -186,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    runpod.serverless.start(
-        {
-            "handler": make_handler(make_context_builder(config, engine, metrics)),
-            "concurrency_modifier": make_concurrency_modifier(config.max_concurrency),
-        }
-    )
+    settings = {
+        "handler": make_handler(make_context_builder(config, engine, metrics), streaming=config.streaming),
+        "concurrency_modifier": make_concurrency_modifier(config.max_concurrency),
+    }
+    if config.streaming:  # /run + /stream, and /runsync answers with every item, then the result
+        settings["return_aggregate_stream"] = True
+    runpod.serverless.start(settings)
     return 0
 
 

@@ -38,6 +38,12 @@ Variables read here (defaults in brackets):
     DEFAULT_OUTPUT_FORMAT wav | flac | ogg | mp3 when a job names none              [wav]
     REF_MIN_LEVEL_DBFS    a reference whose loudest 50 ms window is quieter than this (dBFS, -200..0)
                           is refused as silent (invalid_audio); off turns the check off       [-50]
+    VOCODER_SPAN_S        continuous, per-row vocoding (the CPU default): finished rows are vocoded in spans of
+                          at most this much audio, one span per decoding step (0 = whole rows)        [0]
+    STREAMING             on | off: on makes the handler a generator that streams each job's audio
+                          (RunPod's /stream) before its result; a job with "stream": false does not stream [off]
+    STREAM_FIRST_CHUNK_S  audio in a streamed job's first chunk (seconds, 0.05..10)             [0.5]
+    STREAM_MAX_CHUNK_S    longest later chunk: each chunk doubles up to this (seconds, 0.05..10) [8]
 """
 
 from __future__ import annotations
@@ -151,6 +157,10 @@ class WorkerConfig:
     default_language: str = "pt"
     default_output_format: str = "wav"
     ref_min_level_dbfs: float | None = DEFAULT_REF_MIN_LEVEL_DBFS
+    vocoder_span_s: float = 0.0
+    streaming: bool = False
+    stream_first_chunk_s: float = 0.5
+    stream_max_chunk_s: float = 8.0
     # StorageConfig may hold credentials: it never appears in this object's repr.
     storage: Any = field(default=None, repr=False, compare=False)
 
@@ -192,7 +202,14 @@ class WorkerConfig:
             default_language=_language(read),
             default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", SUPPORTED_OUTPUT_FORMATS),
             ref_min_level_dbfs=_ref_min_level(read),
+            vocoder_span_s=read.number("VOCODER_SPAN_S", 0.0, minimum=0.0, maximum=60.0),
+            streaming=read.choice("STREAMING", "off", ("on", "off")) == "on",
+            stream_first_chunk_s=read.number("STREAM_FIRST_CHUNK_S", 0.5, minimum=0.05, maximum=10.0),
+            stream_max_chunk_s=read.number("STREAM_MAX_CHUNK_S", 8.0, minimum=0.05, maximum=10.0),
         )
+        if config.stream_max_chunk_s < config.stream_first_chunk_s:
+            read.fail("STREAM_MAX_CHUNK_S", f"at least STREAM_FIRST_CHUNK_S ({config.stream_first_chunk_s:g})",
+                      str(config.stream_max_chunk_s))  # fmt: skip
         storage = (storage_from_env or _storage_from_env)(env)
         return replace(config, storage=storage)
 
@@ -204,6 +221,8 @@ class WorkerConfig:
                          "baseline, several times slower than the batched engine")
         if self.engine == "stock" and self.scheduling == "continuous":
             notes.append("XTTS_ENGINE=stock decodes whole rows: it runs with SCHEDULING=static")
+        if self.streaming and self.scheduling == "static":
+            notes.append("STREAMING=on with SCHEDULING=static: audio streams only as whole segments finish")
         if self.max_concurrency < 2 * self.max_batch_size:
             notes.append(
                 f"MAX_CONCURRENCY={self.max_concurrency} is less than twice MAX_BATCH_SIZE={self.max_batch_size}: "
@@ -235,5 +254,9 @@ class WorkerConfig:
             "default_language": self.default_language,
             "default_output_format": self.default_output_format,
             "ref_min_level_dbfs": self.ref_min_level_dbfs,
+            "vocoder_span_s": self.vocoder_span_s,
+            "streaming": self.streaming,
+            "stream_first_chunk_s": self.stream_first_chunk_s,
+            "stream_max_chunk_s": self.stream_max_chunk_s,
         }
 

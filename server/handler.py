@@ -9,6 +9,18 @@ The handler depends on what it calls, not on those classes: `HandlerContext` typ
 (`ResultStore` from storage.results, `ReferenceSource` and `SpeechScheduler` below), which the real classes and
 the tests' stand-ins both satisfy.
 
+STREAMING=on (`TTSHandler.stream`, an async generator): the same steps, but the audio leaves as it is made:
+
+    validate -> reference -> Scheduler.stream: AudioChunks -> {"type": "audio", "index", "audio" (base64 of
+    16-bit little-endian mono PCM), "encoding": "pcm_s16le", "sample_rate", "start", "duration"} items, each
+    <= MAX_ITEM_S of audio (RunPod takes <= 1 MB per yield) -> encode + upload of the whole audio (the chunks
+    joined: the same samples) -> {"type": "result", <the seed's output and additions>, "time_to_first_audio"}
+
+A job with "stream": false yields only its result item. A failure before or during the stream yields
+`{"error": "[code] message", ...}` as its last item: the SDK ends the job FAILED with that message, and nothing
+was uploaded (the upload comes after the last chunk). JOB_TIMEOUT_S bounds the reference fetch and the upload
+(never an await across a yield) and, through the request's deadline, the synthesis.
+
 Every failure becomes `{"error", "error_code"[, "retryable"]}` through `server.validation.error_output`, the one
 place that does so; the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout) arrives here as a
 CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU time.
@@ -20,14 +32,19 @@ times, the stored object's name. Never a reference URL's query (signatures) nor 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
+
 from batching import InputError, SamplingParams, SpeechRequest
+from batching.streaming import AudioChunk
 from batching.errors import JobTimeoutError
 from server.config import WorkerConfig
 from server.metrics import Metrics
@@ -69,6 +86,8 @@ class SpeechScheduler(Protocol):
     clock: Callable[[], float]
 
     async def submit(self, request: SpeechRequest) -> SpeechResult: ...
+
+    def stream(self, request: SpeechRequest) -> AsyncIterator[AudioChunk | SpeechResult]: ...
 
 
 @dataclass
@@ -112,12 +131,7 @@ class TTSHandler:
         if ctx.metrics:
             ctx.metrics.jobs_in_flight.inc()
         try:
-            request = validate_request(
-                job.get("input") if isinstance(job, dict) else None,
-                max_text_chars=ctx.config.max_text_chars,
-                default_language=ctx.config.default_language,
-                default_output_format=ctx.config.default_output_format,
-            )
+            request = self._validate(job)
             language = request.language
             scope = asyncio.timeout(ctx.config.job_timeout_s)
             try:
@@ -142,10 +156,102 @@ class TTSHandler:
             if ctx.metrics:
                 ctx.metrics.jobs_in_flight.dec()
 
+    def _validate(self, job: dict) -> TTSRequest:
+        config = self.ctx.config
+        return validate_request(
+            job.get("input") if isinstance(job, dict) else None, max_text_chars=config.max_text_chars,
+            default_language=config.default_language, default_output_format=config.default_output_format,
+        )  # fmt: skip
+
+    async def stream(self, job: dict) -> AsyncIterator[dict]:
+        """STREAMING=on: the job's audio items as they are made, then its result item; a failure is yielded as
+        `{"error": "[code] message", ...}`, which the SDK turns into a FAILED job with that message."""
+        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
+        jlog = logging.LoggerAdapter(log, {"job_id": job_id})
+        ctx = self.ctx
+        started = ctx.clock()
+        language = "unknown"
+        if ctx.metrics:
+            ctx.metrics.jobs_in_flight.inc()
+        try:
+            try:
+                request = self._validate(job)
+                language = request.language
+                if request.stream:
+                    items = self._run_stream(job_id, request, jlog, started, job)
+                else:
+                    items = self._result_only(job_id, request, jlog, started, job)
+                async for item in items:
+                    yield item
+            except (asyncio.CancelledError, GeneratorExit):
+                jlog.info("[%s] job stopped after %.2f s", job_id, ctx.clock() - started)
+                self._record("cancelled", language, started)
+                raise
+            except Exception as exc:  # every other failure: an error item, here and nowhere else
+                yield self._fail(job_id, jlog, exc, language, started)
+                return
+            self._record("completed", language, started)
+        finally:
+            if ctx.metrics:
+                ctx.metrics.jobs_in_flight.dec()
+
+    async def _result_only(self, job_id, request, jlog, started, job) -> AsyncIterator[dict]:
+        """A job that asked for no stream ("stream": false): only its result item."""
+        async with self._deadline(started):
+            output = await self._run(job_id, request, jlog, started, job)
+        yield {"type": "result", **output}
+
+    async def _run_stream(
+        self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
+    ) -> AsyncIterator[dict]:
+        ctx, metrics = self.ctx, self.ctx.metrics
+        self._log_request(job_id, request, jlog)
+        first_audio_s = None
+        items = 0
+        result = None
+        t0 = ctx.clock()
+        async with AsyncExitStack() as stack:
+            async with self._deadline(started):
+                reference = await stack.enter_async_context(ctx.references.use(request.voice_id,
+                                                                               request.ref_audio_url))
+            self._note_reference(job_id, jlog, request.voice_id, reference, ctx.clock() - t0)
+            jlog.info("[%s] generating audio with XTTS v2 (streaming)...", job_id)
+            t0 = ctx.clock()
+            speech = dataclasses.replace(self._speech_request(job_id, request, reference, started, job), stream=True)
+            try:
+                async for chunk in ctx.scheduler.stream(speech):
+                    if not isinstance(chunk, AudioChunk):
+                        result = chunk
+                        continue
+                    for item in audio_items(chunk, items):
+                        if first_audio_s is None:
+                            first_audio_s = ctx.clock() - started
+                            if metrics:
+                                metrics.time_to_first_audio.observe(first_audio_s)
+                            jlog.info("[%s] first audio after %.2f s", job_id, first_audio_s)
+                        items += 1
+                        yield item
+            except InvalidAudioError:
+                ctx.references.discard(request.voice_id, request.ref_audio_url)
+                raise
+            generation_s = ctx.clock() - t0
+        async with self._deadline(started):
+            output = await self._store(job_id, request, jlog, started, reference, result, generation_s)
+        yield {"type": "result", **output, "time_to_first_audio": round(first_audio_s or 0.0, 3),
+               "audio_items": items}  # fmt: skip
+
+    def _deadline(self, started: float) -> AbstractAsyncContextManager:
+        """JOB_TIMEOUT_S around one await of a streamed job (never around a yield): JobTimeoutError past it."""
+        return _JobDeadline(self.ctx.config.job_timeout_s, self.ctx.config.job_timeout_s - (self.ctx.clock() - started))
+
     async def _run(
         self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
     ) -> dict:
-        ctx, metrics = self.ctx, self.ctx.metrics
+        self._log_request(job_id, request, jlog)
+        reference, result, generation_s = await self._synthesize(job_id, request, jlog, started, job)
+        return await self._store(job_id, request, jlog, started, reference, result, generation_s)
+
+    def _log_request(self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter) -> None:
         params = request.parameters()
         jlog.info("[%s] === new request ===", job_id)
         jlog.info("[%s] text: %s (%d chars)", job_id, _preview(request.gen_text), len(request.gen_text))
@@ -159,7 +265,13 @@ class TTSHandler:
             request.repetition_penalty, request.seed,
         )  # fmt: skip
 
-        reference, result, generation_s = await self._synthesize(job_id, request, jlog, started, job)
+    async def _store(
+        self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float,
+        reference: CachedReference, result: SpeechResult, generation_s: float,
+    ) -> dict:  # fmt: skip
+        """Metrics and logs of a finished synthesis, then encode, upload, and the job's output."""
+        ctx, metrics = self.ctx, self.ctx.metrics
+        params = request.parameters()
         if metrics:
             metrics.observe_stage("queue_wait", result.queue_wait_s)
             metrics.observe_stage("generation", result.engine_s)
@@ -290,6 +402,51 @@ class TTSHandler:
             self.ctx.metrics.record_job(status, language, self.ctx.clock() - started)
 
 
+class _JobDeadline:
+    """asyncio.timeout that raises JobTimeoutError (naming JOB_TIMEOUT_S) when it is its own deadline that passed."""
+
+    def __init__(self, limit_s: float, remaining_s: float):
+        self.limit_s = limit_s
+        self.scope = asyncio.timeout(max(0.0, remaining_s))
+
+    async def __aenter__(self):
+        await self.scope.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        try:
+            return await self.scope.__aexit__(exc_type, exc, tb)
+        except TimeoutError:
+            if not self.scope.expired():
+                raise
+            raise JobTimeoutError(f"job did not finish within JOB_TIMEOUT_S={self.limit_s:g} s") from None
+
+
+# Audio items: 16-bit PCM, at most this much audio each, so that every stream POST stays well under RunPod's
+# 1 MB per yield (10 s at 24 kHz: 480 KB of PCM, 640 KB of base64).
+MAX_ITEM_S = 10.0
+
+
+def audio_items(chunk: AudioChunk, first_index: int) -> list[dict]:
+    """A chunk of a streamed job's audio as stream items (split when longer than MAX_ITEM_S)."""
+    sr = chunk.sample_rate
+    step = int(MAX_ITEM_S * sr)
+    items = []
+    for n, lo in enumerate(range(0, len(chunk.samples), step)):
+        part = chunk.samples[lo : lo + step]
+        pcm = np.clip(np.rint(part * 32767.0), -32768, 32767).astype("<i2")
+        items.append({
+            "type": "audio",
+            "index": first_index + n,
+            "audio": base64.b64encode(pcm.tobytes()).decode("ascii"),
+            "encoding": "pcm_s16le",
+            "sample_rate": sr,
+            "start": round((chunk.start + lo) / sr, 6),
+            "duration": round(len(part) / sr, 6),
+        })  # fmt: skip
+    return items
+
+
 class LazyHandler:
     """A TTSHandler whose context is built on the first job, inside the event loop that runs the jobs.
 
@@ -306,6 +463,19 @@ class LazyHandler:
         self._lock: asyncio.Lock | None = None
 
     async def __call__(self, job: dict) -> dict:
+        handler = await self._ready()
+        return handler if isinstance(handler, dict) else await handler(job)
+
+    async def stream(self, job: dict) -> AsyncIterator[dict]:
+        handler = await self._ready()
+        if isinstance(handler, dict):
+            yield handler
+            return
+        async for item in handler.stream(job):
+            yield item
+
+    async def _ready(self) -> TTSHandler | dict:
+        """The handler, built on the first call; or, when the build fails, the error output to answer with."""
         if self._handler is None:
             if self._lock is None:
                 self._lock = asyncio.Lock()
@@ -316,7 +486,7 @@ class LazyHandler:
                     except Exception as exc:
                         log.error("worker set-up failed: %s", type(exc).__name__, exc_info=exc)
                         return error_output(exc)
-        return await self._handler(job)
+        return self._handler
 
 
 def make_concurrency_modifier(max_concurrency: int) -> Callable[[int], int]:
@@ -330,10 +500,11 @@ def make_concurrency_modifier(max_concurrency: int) -> Callable[[int], int]:
 
 
 def make_handler(
-    context: HandlerContext | Callable[[], Awaitable[HandlerContext]],
-) -> Callable[[dict], Awaitable[dict]]:
-    """The function to pass as runpod.serverless.start({"handler": ...}): a plain async function, so the SDK
-    (which inspects it to tell generators from coroutines) treats it as an ordinary async handler.
+    context: HandlerContext | Callable[[], Awaitable[HandlerContext]], *, streaming: bool = False,
+) -> Callable[[dict], Awaitable[dict]] | Callable[[dict], AsyncIterator[dict]]:
+    """The function to pass as runpod.serverless.start({"handler": ...}). The SDK inspects it to tell generators
+    from coroutines: a plain async function (one result per job), or with `streaming` an async generator function
+    (STREAMING=on: items to RunPod's /stream, then the result; start the SDK with return_aggregate_stream=True).
 
     Pass a HandlerContext, or an async function that builds one on the first job (see LazyHandler: the way
     `python -m server` should do it, since the SDK runs jobs in an event loop it creates itself)."""
@@ -342,4 +513,8 @@ def make_handler(
     async def handle(job: dict) -> dict:
         return await handler(job)
 
-    return handle
+    async def handle_stream(job: dict) -> AsyncIterator[dict]:
+        async for item in handler.stream(job):
+            yield item
+
+    return handle_stream if streaming else handle

@@ -89,6 +89,19 @@ class Metrics:
             "xtts_kv_cache_positions", "KV-cache positions held by the running batch, and its budget.", ["kind"],
             registry=registry,
         )  # fmt: skip
+        self.time_to_first_audio = Histogram(
+            "xtts_time_to_first_audio_seconds",
+            "Streamed jobs (STREAMING=on): from the handler's start to the first audio chunk handed to RunPod.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.vocoder_frames = Counter(
+            "xtts_vocoder_frames_total",
+            "Streamed rows: vocoder frames given out (kind=given) and run through HiFi-GAN, margins included "
+            "(kind=vocoded); vocoded/given is the streaming overhead.",
+            ["kind"],
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "xtts_queue_depth_requests", "Requests waiting for the GPU scheduler.", registry=registry
         )
@@ -208,6 +221,13 @@ class SchedulerMetrics:
 
     def rows_admitted(self, count: int) -> None:
         self.metrics.admissions.inc(count)
+
+    def rows_evicted(self, running: int) -> None:
+        self.metrics.running_rows.set(running)
+
+    def span_vocoded(self, seconds: float, frames: int, given: int) -> None:
+        self.metrics.vocoder_frames.labels(kind="vocoded").inc(frames)
+        self.metrics.vocoder_frames.labels(kind="given").inc(given)
 
 
 class StorageMetrics:

@@ -49,7 +49,7 @@ MAX_TOP_K = 2**31 - 1
 KNOWN_FIELDS = frozenset(
     {
         "gen_text", "ref_audio_url", "voice_id", "language", "temperature", "speed", "top_k", "top_p",
-        "repetition_penalty", "seed", "output_format",
+        "repetition_penalty", "seed", "output_format", "stream",
     }
 )  # fmt: skip
 
@@ -80,6 +80,7 @@ class TTSRequest:
     repetition_penalty: float = 5.0
     seed: int | None = None
     output_format: str = "wav"
+    stream: bool = True  # STREAMING=on: false gives only the result (ignored when the worker does not stream)
 
     def parameters(self) -> dict[str, Any]:
         """The `parameters` object of the seed's response."""
@@ -263,7 +264,18 @@ def validate_request(
         repetition_penalty=_number(job_input, "repetition_penalty", 5.0, 1.0, 20.0),
         seed=_integer(job_input, "seed", None, 0, MAX_SEED, allow_float=False),
         output_format=_output_format(job_input, default_output_format),
+        stream=_boolean(job_input, "stream", True),
     )
+
+
+def _boolean(data: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValidationError(f"{name} must be true or false, got {_describe(value)}", error_code="invalid_type",
+                              field=name)  # fmt: skip
+    return value
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class FakeJob:
     result: dict | None = None  # the final body the worker POSTed (COMPLETED / FAILED)
     progress: list[Any] = field(default_factory=list)  # IN_PROGRESS updates
     stream: list[dict] = field(default_factory=list)  # job-stream posts, in order
+    stream_at: list[float] = field(default_factory=list)  # when each job-stream post arrived (the service's clock)
     result_posts: int = 0  # job-done POSTs received, including refused ones (failure injection)
     late_results: list[dict] = field(default_factory=list)  # results that arrived after a cancel
     stop_sent: bool = False  # a stop signal for it was delivered on the job-stop channel
@@ -383,6 +384,7 @@ class FakeRunPod:
             job.stream.append(json.loads(text))
         except ValueError:
             return web.Response(status=400, text="body is not JSON")
+        job.stream_at.append(self._clock())
         self._notify()
         return web.json_response({"ok": True})
 

@@ -63,3 +63,17 @@ def test_the_shortest_finished_row_is_vocoded_first_unless_one_was_passed_over_t
     assert next_vocode(pending) == "short"
     pending[0] = Finished("long", 300, 0, 4)
     assert next_vocode(pending, max_passes=4) == "long"
+
+
+def test_a_streamed_requests_later_segments_wait_for_other_streams_first_segments():
+    """`due` orders admission (when the audio is needed); arrival still decides the wait for company."""
+    a1 = Waiting("a1", "v", 10, enqueued_at=0.0, order=1, positions=10, due=5.0)  # A's 2nd segment, needed at 5 s
+    b0 = Waiting("b0", "v", 10, enqueued_at=1.0, order=2, positions=10)
+    c1 = Waiting("c1", "v", 10, enqueued_at=1.0, order=3, positions=10, due=1.5)
+    decision = next_admission([a1, b0, c1], 2.0, running_rows=0, running_span=0, max_rows=2, max_positions=100,
+                              batch_wait_s=0.0)  # fmt: skip
+    assert decision == Batch(("b0", "c1"))
+    # Nothing runs and every segment fits: wait for company from the earliest arrival, not the earliest due time.
+    decision = next_admission([a1], 0.01, running_rows=0, running_span=0, max_rows=2, max_positions=100,
+                              batch_wait_s=0.05)  # fmt: skip
+    assert decision == WaitUntil(0.05)

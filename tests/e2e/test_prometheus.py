@@ -3,7 +3,8 @@ through the real RunPod loop (`python -m server` against testing/runpod_fake.py,
 deploy/prometheus/alerts.yml loaded. After the jobs, Prometheus's HTTP API must report what the jobs produced:
 jobs completed, batch rows and batches, cache hits and misses, stage and job duration counts, and every alert rule
 evaluating without error and none firing. Then every metric the README's Metrics section names must have an observed
-sample (a metric nobody feeds fails that test): storage goes through testing/faultproxy.py, which injects the faults
+sample (a metric nobody feeds fails that test). The worker streams (STREAMING=on): the first jobs ask for no
+stream, the later ones stream, so both paths feed the metrics. Storage goes through testing/faultproxy.py, which injects the faults
 that feed the storage retry and error counters.
 
 Skipped only when the `prometheus` binary is absent (scripts/setup.sh installs it).
@@ -55,9 +56,15 @@ SETTLE_TIMEOUT_S = 60.0  # hang guard: Prometheus must have scraped the final va
 TEXTS = ("Olá! Tudo bem?", "Bom dia.", "Hello there.", "Uma frase curta.")
 JOBS = tuple(
     {"gen_text": TEXTS[i % len(TEXTS)], "ref_audio_url": VOICES[i % 2].url, "voice_id": VOICES[i % 2].voice_id,
-     "language": "en" if "Hello" in TEXTS[i % len(TEXTS)] else "pt", "seed": i}
+     "language": "en" if "Hello" in TEXTS[i % len(TEXTS)] else "pt", "seed": i, "stream": False}
     for i in range(8)
 )  # fmt: skip
+
+
+def result_of(output: object) -> dict:
+    """The worker streams (STREAMING=on, return_aggregate_stream): a job's output is its items, the result last."""
+    assert isinstance(output, list) and output[-1]["type"] == "result", output
+    return output[-1]
 
 
 class Prometheus:
@@ -125,6 +132,7 @@ async def monitored_worker(
         BATCH_WAIT_MS="100", METRICS_PORT=str(metrics_port), LATENT_CACHE_DIR=str(folder / "latent_cache"),
         AUDIO_CACHE_DIR=str(folder / "audio_cache"), STORAGE_BACKEND="gcs", STORAGE_EMULATOR_HOST=gcs_proxy.url,
         GCS_BUCKET_NAME=BUCKET, GCS_CREDENTIALS=service_account.json, ALLOWED_BUCKETS=f"{BUCKET},{OTHER_BUCKET}",
+        STREAMING="on",
     )  # fmt: skip
     with prometheus_process(folder, metrics_port) as prometheus:
         async with running_worker("prometheus-worker", fake_runpod, env, folder, metrics_port=metrics_port) as worker:
@@ -149,7 +157,7 @@ async def test_prometheus_scrapes_what_the_jobs_produced(monitored_worker):
 
     ids = [runpod.enqueue(dict(job)) for job in JOBS]
     jobs = await runpod.wait_done(ids, timeout_s=RUN_TIMEOUT_S)
-    outputs = [job.output for job in jobs.values()]
+    outputs = [result_of(job.output) for job in jobs.values()]
     assert all(job.state == COMPLETED for job in jobs.values()), [job.result for job in jobs.values()]
 
     # What the jobs themselves reported: the numbers Prometheus must show.
@@ -244,7 +252,9 @@ async def test_every_documented_metric_is_fed(monitored_worker, gcs_proxy):
     missing = dict(JOBS[0], ref_audio_url=VOICES[0].url.replace(".wav", "-missing.wav"), voice_id="missing-voice")
     retried = dict(JOBS[0], ref_audio_url=voice.url, voice_id=f"{voice.voice_id}-retried", seed=99)
     ids = [runpod.enqueue(retried), runpod.enqueue(missing)]
-    ids += [runpod.enqueue(dict(JOBS[i % len(JOBS)], seed=100 + i)) for i in range(12)]
+    # These stream (no "stream": false): the streaming metrics move too.
+    ids += [runpod.enqueue({**{k: v for k, v in JOBS[i % len(JOBS)].items() if k != "stream"}, "seed": 100 + i})
+            for i in range(12)]  # fmt: skip
 
     peak: dict[str, float] = {}
     done = asyncio.ensure_future(runpod.wait_done(ids, timeout_s=RUN_TIMEOUT_S))
