@@ -15,6 +15,12 @@ SCHEDULING=continuous (the default; an engine with the step-level calls):
     first), so a finished row waits for at most one step of the others, and a short job never waits behind long
     rows' vocoding. Budgets: MAX_BATCH_SIZE rows and MAX_BATCH_TOKENS KV positions (see policy).
 
+    Streamed requests (`stream()`): their current segment is vocoded span by span while it decodes
+    (batching.vocoder: the same samples as one call on the whole row), the first span of a request that has
+    given nothing yet before any other vocoder work; batching.streaming orders the spans across segments, with
+    the joins' fades, into AudioChunks. With `vocoder_span_s` (VOCODER_SPAN_S), finished rows of every request
+    are vocoded in spans of at most that much audio, one per step, instead of whole.
+
 SCHEDULING=static (and engines without the step-level calls): policy.next_batch forms a batch that runs to
 completion (engine.generate), then the next.
 

@@ -39,7 +39,7 @@ Variables read here (defaults in brackets):
     REF_MIN_LEVEL_DBFS    a reference whose loudest 50 ms window is quieter than this (dBFS, -200..0)
                           is refused as silent (invalid_audio); off turns the check off       [-50]
     VOCODER_SPAN_S        continuous, per-row vocoding (the CPU default): finished rows are vocoded in spans of
-                          at most this much audio, one span per decoding step (0 = whole rows)        [0]
+                          at most this much audio, one span per decoding step (0 = whole rows)        [8]
     STREAMING             on | off: on makes the handler a generator that streams each job's audio
                           (RunPod's /stream) before its result; a job with "stream": false does not stream [off]
     STREAM_FIRST_CHUNK_S  audio in a streamed job's first chunk (seconds, 0.05..10)             [0.5]
@@ -157,7 +157,7 @@ class WorkerConfig:
     default_language: str = "pt"
     default_output_format: str = "wav"
     ref_min_level_dbfs: float | None = DEFAULT_REF_MIN_LEVEL_DBFS
-    vocoder_span_s: float = 0.0
+    vocoder_span_s: float = 8.0
     streaming: bool = False
     stream_first_chunk_s: float = 0.5
     stream_max_chunk_s: float = 8.0
@@ -202,7 +202,7 @@ class WorkerConfig:
             default_language=_language(read),
             default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", SUPPORTED_OUTPUT_FORMATS),
             ref_min_level_dbfs=_ref_min_level(read),
-            vocoder_span_s=read.number("VOCODER_SPAN_S", 0.0, minimum=0.0, maximum=60.0),
+            vocoder_span_s=read.number("VOCODER_SPAN_S", 8.0, minimum=0.0, maximum=60.0),
             streaming=read.choice("STREAMING", "off", ("on", "off")) == "on",
             stream_first_chunk_s=read.number("STREAM_FIRST_CHUNK_S", 0.5, minimum=0.05, maximum=10.0),
             stream_max_chunk_s=read.number("STREAM_MAX_CHUNK_S", 8.0, minimum=0.05, maximum=10.0),

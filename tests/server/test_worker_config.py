@@ -56,7 +56,8 @@ def test_every_variable_is_read_and_normalized():
         "LOG_LEVEL": "warn", "DEFAULT_LANGUAGE": "ZH_CN", "DEFAULT_OUTPUT_FORMAT": "MP3",
         "LATENT_CACHE_DIR": "/var/latents", "LATENT_CACHE_DISK_ENTRIES": "50", "XTTS_VOCODER_BATCHING": "Per_Row",
         "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock", "SCHEDULING": "Static", "MAX_BATCH_TOKENS": "20000",
-        "REF_MIN_LEVEL_DBFS": "-60",
+        "REF_MIN_LEVEL_DBFS": "-60", "VOCODER_SPAN_S": "4", "STREAMING": "ON", "STREAM_FIRST_CHUNK_S": "0.25",
+        "STREAM_MAX_CHUNK_S": "6",
     }  # fmt: skip
     config = build(env)
     assert config.latent_cache_disk_entries == 50
@@ -66,7 +67,8 @@ def test_every_variable_is_read_and_normalized():
         "latent_cache": False, "latent_cache_dir": "/var/latents", "vocoder_batching": "per_row",
         "engine": "stock", "max_text_chars": 100, "job_timeout_s": 30.0, "metrics_port": 0, "log_level": "WARNING",
         "default_language": "zh-cn", "default_output_format": "mp3", "max_batch_tokens": 20000,
-        "scheduling": "static", "ref_min_level_dbfs": -60.0,
+        "scheduling": "static", "ref_min_level_dbfs": -60.0, "vocoder_span_s": 4.0, "streaming": True,
+        "stream_first_chunk_s": 0.25, "stream_max_chunk_s": 6.0,
     }  # fmt: skip
     assert config.storage.env == env  # storage gets the same environment to read its own variables
 
@@ -92,6 +94,10 @@ def test_empty_values_count_as_unset():
         ("JOB_TIMEOUT_S", "0", "JOB_TIMEOUT_S must be a number > 0, got '0'"),
         ("JOB_TIMEOUT_S", "inf", "JOB_TIMEOUT_S must be a number > 0, got 'inf'"),
         ("XTTS_DEVICE", "tpu", "XTTS_DEVICE must be one of cuda, cuda:N, cpu, auto, got 'tpu'"),
+        ("STREAMING", "yes", "STREAMING must be one of on, off, got 'yes'"),
+        ("STREAM_FIRST_CHUNK_S", "0", "STREAM_FIRST_CHUNK_S must be a number >= 0.05 and <= 10, got '0'"),
+        ("STREAM_MAX_CHUNK_S", "0.1", "STREAM_MAX_CHUNK_S must be at least STREAM_FIRST_CHUNK_S (0.5), got '0.1'"),
+        ("VOCODER_SPAN_S", "-1", "VOCODER_SPAN_S must be a number >= 0 and <= 60, got '-1'"),
         ("XTTS_GPT_DTYPE", "int8", "XTTS_GPT_DTYPE must be one of auto, float32, float16, bfloat16, got 'int8'"),
         ("XTTS_MODEL", "xtts_v1", "XTTS_MODEL must be one of xtts_v2, got 'xtts_v1'"),
         ("XTTS_VOCODER_BATCHING", "yes", "XTTS_VOCODER_BATCHING must be one of auto, batched, per_row, got 'yes'"),
