@@ -123,13 +123,9 @@ class TTSHandler:
         self.ctx = context
 
     async def __call__(self, job: dict) -> dict:
-        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
-        jlog = logging.LoggerAdapter(log, {"job_id": job_id})
+        job_id, jlog, started = self._begin(job)
         ctx = self.ctx
-        started = ctx.clock()
         language = "unknown"
-        if ctx.metrics:
-            ctx.metrics.jobs_in_flight.inc()
         try:
             request = self._validate(job)
             language = request.language
@@ -156,6 +152,14 @@ class TTSHandler:
             if ctx.metrics:
                 ctx.metrics.jobs_in_flight.dec()
 
+    def _begin(self, job: dict) -> tuple[str, logging.LoggerAdapter, float]:
+        """A job's id, its logger and its start time; the in-flight gauge counts it (the caller's `finally` lets
+        it go)."""
+        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
+        if self.ctx.metrics:
+            self.ctx.metrics.jobs_in_flight.inc()
+        return job_id, logging.LoggerAdapter(log, {"job_id": job_id}), self.ctx.clock()
+
     def _validate(self, job: dict) -> TTSRequest:
         config = self.ctx.config
         return validate_request(
@@ -166,13 +170,9 @@ class TTSHandler:
     async def stream(self, job: dict) -> AsyncIterator[dict]:
         """STREAMING=on: the job's audio items as they are made, then its result item; a failure is yielded as
         `{"error": "[code] message", ...}`, which the SDK turns into a FAILED job with that message."""
-        job_id = str(job.get("id", "-")) if isinstance(job, dict) else "-"
-        jlog = logging.LoggerAdapter(log, {"job_id": job_id})
+        job_id, jlog, started = self._begin(job)
         ctx = self.ctx
-        started = ctx.clock()
         language = "unknown"
-        if ctx.metrics:
-            ctx.metrics.jobs_in_flight.inc()
         try:
             try:
                 request = self._validate(job)
