@@ -17,6 +17,8 @@ No awaits, no torch, no clock reads, no metrics: the scheduler passes everything
      `max_positions`. The running cache holds at most rows x max(prefix + tokens so far) positions, padding
      included (batching.running compacts it as rows leave), so admission under this rule can never grow the
      cache past the budget. A lone segment larger than the whole budget runs alone rather than never.
+   A streamed request's first segment that finds every row taken may take the row of a later segment of another
+   stream whose audio is not needed soon (`preempt`): see there.
    Same-voice grouping buys nothing here: every row carries its own latents (fetched once per voice at submit)
    and a row's cost does not depend on its neighbours' voices.
 
@@ -51,6 +53,7 @@ class Waiting:
     order: int  # arrival order, to break ties deterministically
     positions: int = 0  # KV positions the row may come to hold (continuous scheduling's budget)
     due: float | None = None  # when its audio is needed, if not at once (a streamed request's later segments)
+    starts_stream: bool = False  # the first segment of a streamed request: its first audio waits on it
 
     @property
     def rank(self) -> tuple[float, int]:
@@ -132,6 +135,40 @@ def next_admission(
     if running_rows == 0 and room and now - first < batch_wait_s:
         return WaitUntil(first + batch_wait_s)
     return Batch(tuple(chosen))
+
+
+@dataclass(frozen=True)
+class Running:
+    """What `preempt` knows of one running row."""
+
+    key: object
+    due: float | None  # a streamed request's later segment: when its audio is needed; None: never preempted
+    decoded: int  # tokens decoded so far (the work a preemption throws away)
+
+
+def preempt(
+    waiting: Sequence[Waiting], running: Sequence[Running], now: float, *, free_rows: int, min_lead_s: float
+) -> tuple:
+    """Running rows to send back to the queue, so that waiting first segments of streams start now.
+
+    When more first segments of streams wait than rows are free, each may take the row of a later segment of a
+    stream whose audio is needed later than its own and not within `min_lead_s`: the latest needed first, the
+    least decoded among equals. The row restarts from its prompt when it is admitted again (by its due time, as
+    before): its seed is its own, so it decodes the same tokens, and nothing of it was given out yet (only a
+    stream's current segment is vocoded while it runs; the caller passes only rows that are not). The caller
+    passes each row at most once in its life, which bounds the work thrown away to one partial row each."""
+    if free_rows < 0:
+        raise ValueError(f"free_rows must be >= 0, got {free_rows}")
+    # Those that admission, by rank, would leave without a row.
+    starters = [w for w in sorted(waiting, key=lambda w: w.rank)[free_rows:] if w.starts_stream]
+    victims = sorted((r for r in running if r.due is not None and r.due - now >= min_lead_s),
+                     key=lambda r: (-r.due, r.decoded))  # fmt: skip
+    chosen = []
+    for starter, victim in zip(starters, victims):
+        if victim.due <= starter.rank[0]:  # its audio is needed before the starter's: keep it (and the rest)
+            break
+        chosen.append(victim.key)
+    return tuple(chosen)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class Observer:
     def rows_evicted(self, running: int) -> None: ...  # rows left without finishing; `running` remain
     # Streamed requests: once per vocoded span, with the frames the vocoder ran on and those it gave out.
     def span_vocoded(self, seconds: float, frames: int, given: int) -> None: ...
+    def rows_preempted(self, count: int) -> None: ...  # running rows sent back to the queue (policy.preempt)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class _Request:
         self.vocoders: dict[int, object] = {}  # segment index -> its RowVocoder (engine thread objects)
         self.spans: dict[int, list[np.ndarray]] = {}  # segment index -> its spans so far (vocoder_span_s)
         self.span_frames = 0  # the next span's length for the current segment
+        self.preempted: set[int] = set()  # segments sent back to the queue once (policy.preempt): never again
 
     @property
     def streamed(self) -> bool:
@@ -162,6 +164,7 @@ class _Row:
     index: int
     order: int
     seed: int  # the row's seed, drawn at submit when the request has none: a retried row gives the same audio
+    due: float | None = None  # a streamed request's later segment: when its audio is needed (policy.Waiting.due)
 
 
 class Scheduler:
@@ -322,10 +325,9 @@ class Scheduler:
         now = self.clock()
         ahead_s = 0.0  # audio of the segments before this one (streamed: when this one's audio is needed)
         for i, seg in enumerate(segments):
-            row = _Row(request, i, next(self._order), row_seed(req.params.seed))
-            positions = self.engine.reserve_positions(self._segment(row)) if self.continuous else 0
             due = now + ahead_s if stream and i > 0 else None
-            self._waiting[row] = policy.Waiting(row, req.voice_key, len(seg.tokens), now, row.order, positions, due)
+            row = _Row(request, i, next(self._order), row_seed(req.params.seed), due)
+            self._waiting[row] = self._queued(row, self._reservation(row) if self.continuous else 0)
             ahead_s += len(seg.text) / SPOKEN_CHARS_PER_S / max(req.params.speed, 0.05)
         self.observer.queue_depth(len(self._waiting))
         self._wake.set()
@@ -512,6 +514,7 @@ class Scheduler:
             self._oom_rows = {r for r in self._oom_rows if r in self._waiting or r in self._running}
             if not self._running and not self._oom_rows:  # the batch has drained since the last OOM: full budgets
                 self._row_cap, self._kv_cap = self.max_batch_size, self.max_batch_tokens
+            gone += self._preempt()  # evicted from the engine like rows that left; they wait again
             decision = policy.next_admission(
                 list(self._waiting.values()), self.clock(),
                 running_rows=len(self._running), running_span=max(self._running.values(), default=0),
@@ -772,9 +775,7 @@ class Scheduler:
                         "and %d KV positions", len(rows), type(exc).__name__, exc, self._row_cap,
                         self._kv_cap)  # fmt: skip
             for row in rows:
-                self._waiting[row] = policy.Waiting(row, row.request.req.voice_key,
-                                                    len(row.request.texts[row.index].tokens),
-                                                    row.request.submitted_at, row.order, self._reservation(row))
+                self._waiting[row] = self._queued(row, self._reservation(row))
             self.observer.queue_depth(len(self._waiting))
             return
         # Any other error: the rows restart from their prompts (same seeds) as static batches split in halves,
@@ -802,7 +803,38 @@ class Scheduler:
     def _reservation(self, row: _Row) -> int:
         return self.engine.reserve_positions(self._segment(row))
 
+    @staticmethod
+    def _queued(row: _Row, positions: int) -> policy.Waiting:
+        """What the policy sees of a row in the queue (at submit, and when it goes back after an OOM or a
+        preemption: the same rank as before)."""
+        request = row.request
+        return policy.Waiting(row, request.req.voice_key, len(request.texts[row.index].tokens),
+                              request.submitted_at, row.order, positions, row.due,
+                              starts_stream=request.streamed and row.index == 0)  # fmt: skip
 
+    def _preempt(self) -> list[_Row]:
+        """Running later segments of streams sent back to the queue for waiting first segments (policy.preempt)."""
+        if not any(w.starts_stream for w in self._waiting.values()):
+            return []
+        candidates = [
+            policy.Running(row, row.due, self._tokens.get(row, 0)) for row in self._running
+            if row.due is not None and not row.request.finished and row.index not in row.request.preempted
+            and row.index != row.request.joiner.current and row.index not in row.request.vocoders
+        ]  # fmt: skip
+        victims = policy.preempt(list(self._waiting.values()), candidates, self.clock(),
+                                 free_rows=max(0, self._row_cap - len(self._running)),
+                                 min_lead_s=PREEMPT_MIN_LEAD_S)  # fmt: skip
+        for row in victims:
+            positions = self._running.pop(row)
+            self._tokens.pop(row, None)
+            self._row_peak.pop(row, None)
+            row.request.preempted.add(row.index)
+            self._waiting[row] = self._queued(row, positions)
+        if victims:
+            log.info("%d later segment(s) of streams back to the queue for streams waiting for their first audio",
+                     len(victims))  # fmt: skip
+            self.observer.rows_preempted(len(victims))
+        return list(victims)
 
     def _fatal(self, error: FatalEngineError, rows: list[_Row]) -> None:
         log.critical("fatal engine error: %s", error)
@@ -834,6 +866,10 @@ class _Tick:
 
 # About how fast speech goes (XTTS at speed 1, most languages): to tell when a streamed segment's audio is needed.
 SPOKEN_CHARS_PER_S = 15.0
+
+# A running later segment of a stream is sent back to the queue for another stream's first segment only when its
+# own audio is needed no sooner than this (policy.preempt).
+PREEMPT_MIN_LEAD_S = 2.0
 
 # A span of a row still decoding counts as finishing after every row that has finished (policy.next_vocode).
 _RUNNING_ORDER = 1 << 62

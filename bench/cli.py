@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-dir", help="a checkpoint folder instead of a demo checkpoint")
     g.add_argument("--device", default="cpu", help="XTTS_DEVICE of the worker: cpu, cuda, cuda:N, auto")
     g.add_argument("--stream", action="store_true",
-                   help="compare streamed with non-streamed jobs: --configs continuous,streaming (time to first "
-                        "audio beside latency)")
+                   help="local: compare streamed with non-streamed jobs (--configs continuous,streaming: time to "
+                        "first audio beside latency); endpoint: read each job's items from /stream/{id} (the "
+                        "worker runs STREAMING=on) and record when the first audio item came")  # fmt: skip
     g.add_argument("--configs", default="baseline,batched",
                    help="configurations to run, in order: baseline (the seed: XTTS_ENGINE=stock, "
                    "MAX_CONCURRENCY=1, MAX_BATCH_SIZE=1, BATCH_WAIT_MS=0, LATENT_CACHE=off), unbatched (the "

@@ -182,7 +182,7 @@ class Bench:
             for config, endpoint_id in endpoints:
                 target = EndpointTarget(a.base_url, endpoint_id, self.to_input, api_key=api_key, mode=a.mode,
                                         layout=a.api_layout, status_method=a.status_method,
-                                        poll_interval_s=a.poll_interval_s)  # fmt: skip
+                                        poll_interval_s=a.poll_interval_s, stream=a.stream)  # fmt: skip
                 await target.start()
                 run = RunRecord(run=config, config=config)
                 self.runs.append(run)

@@ -187,6 +187,7 @@ class EndpointTarget:
         status_method: str = "auto",
         poll_interval_s: float = 0.5,
         submit_attempts: int = 3,
+        stream: bool = False,
     ):
         if mode not in ("run", "runsync"):
             raise ValueError(f"mode must be run or runsync, got {mode!r}")
@@ -194,6 +195,8 @@ class EndpointTarget:
             raise ValueError(f"layout must be auto, runpod or flat, got {layout!r}")
         if status_method not in ("auto", "get", "post"):
             raise ValueError(f"status method must be auto, get or post, got {status_method!r}")
+        if stream and mode != "run":
+            raise ValueError("streaming polls /stream/{job_id} after /run: mode must be run")
         self.base_url = base_url.rstrip("/")
         self.endpoint_id = endpoint_id
         self.to_input = to_input
@@ -203,6 +206,7 @@ class EndpointTarget:
         self.status_method = status_method
         self.poll_interval_s = poll_interval_s
         self.submit_attempts = max(1, submit_attempts)
+        self.stream = stream  # read /stream/{id} (a STREAMING=on worker's items) instead of polling /status
         self.health: dict | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -214,7 +218,7 @@ class EndpointTarget:
         return {
             "base_url": self.base_url, "endpoint_id": self.endpoint_id, "mode": self.mode, "layout": self.layout,
             "status_method": self.status_method, "poll_interval_s": self.poll_interval_s,
-            "health_at_start": self.health,
+            "stream": self.stream, "health_at_start": self.health,
         }  # fmt: skip
 
     async def start(self) -> EndpointTarget:
@@ -318,6 +322,20 @@ class EndpointTarget:
             raise EndpointError(f"/status answered HTTP {status}: {str(data)[:200]}")
         return data
 
+    async def _stream(self, job_id: str, deadline: float) -> dict:
+        """One read of /stream/{id}: RunPod answers the items posted since the last read (`stream`: a list of
+        {"output": item}) and the job's status; the SDK's local test API runs the whole job inside the call and
+        answers every item at once."""
+        remaining = deadline - time.monotonic()
+        url = f"{self.api_root}/stream/{job_id}"
+        status, data = await self._call(self.status_method.upper(), url, None, remaining)
+        if status == 405:
+            self.status_method = "post" if self.status_method == "get" else "get"
+            status, data = await self._call(self.status_method.upper(), url, None, remaining)
+        if status != 200 or not isinstance(data, dict):
+            raise EndpointError(f"/stream answered HTTP {status}: {str(data)[:200]}")
+        return data
+
     async def _cancel(self, job_id: str) -> None:
         if self.layout != "runpod":
             return  # the local test API has no /cancel
@@ -333,6 +351,7 @@ class EndpointTarget:
         try:
             data = await self._submit(self.mode, {"input": self.to_input(job)}, deadline)
             job_id = data.get("id")
+            items: list = []
             polls = 0
             max_polls = int(timeout_s / max(0.05, self.poll_interval_s)) + 10
             while data.get("status") not in self.TERMINAL:
@@ -343,7 +362,18 @@ class EndpointTarget:
                 if polls:
                     await asyncio.sleep(min(self.poll_interval_s, max(0.0, deadline - time.monotonic())))
                 polls += 1
-                data = await self._status(job_id, deadline)
+                if not self.stream:
+                    data = await self._status(job_id, deadline)
+                    continue
+                data = await self._stream(job_id, deadline)
+                got = [i.get("output") if isinstance(i, dict) else i for i in data.get("stream") or []]
+                if record.first_audio_s is None and any(isinstance(i, dict) and i.get("type") == "audio"
+                                                        for i in got):  # fmt: skip
+                    record.first_audio_s = time.monotonic() - started  # as the client got it: poll granularity
+                items += got
+                if data.get("status") == COMPLETED and not any(
+                        isinstance(i, dict) and i.get("type") == "result" for i in items):
+                    data = await self._status(job_id, deadline)  # the result, from the job's aggregate output
         except (TimeoutError, asyncio.TimeoutError):
             record.error = f"no result within {timeout_s:.0f} s"
             if job_id:
@@ -365,7 +395,7 @@ class EndpointTarget:
         if isinstance(data.get("executionTime"), int | float):
             record.execution_s = data["executionTime"] / 1000.0
         if record.status == COMPLETED:
-            record.take_output(data.get("output"))
+            record.take_output(data.get("output") if data.get("output") is not None else items)
         else:
             record.error = _error_text(data)
         return record

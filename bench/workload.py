@@ -6,7 +6,8 @@ order, on any machine, so two runs (and the two configurations of one run) offer
 - Voices: `voices` reference voices, drawn with a Zipf skew (P(voice k) ~ 1 / k**s, k = 1..voices): a few hot
   voices take most jobs, the rest form a long tail. s = 0 is uniform.
 - Texts: a mixture of length classes, as a voice API sees them: short replies ("Olá! Tudo bem?"), single
-  sentences, and paragraphs of 2-5 sentences cut to `max_chars`. A profile gives the class weights.
+  sentences, and paragraphs of 2-5 sentences cut to `max_chars`. A profile gives the class weights; the
+  `paragraphs` profile (narration, what streaming is for) fills each paragraph with sentences up to `max_chars`.
 - Languages: a weighted mix (default weighted toward Portuguese, the seed's default language).
 - Each job carries its own sampling seed, so a job's audio does not depend on what it is batched with.
 - Open loop: Poisson arrivals (exponential gaps) at a given rate, from the same seed.
@@ -102,11 +103,14 @@ PROFILES: dict[str, dict[str, float]] = {
     "mixed": {"reply": 0.45, "sentence": 0.40, "paragraph": 0.15},
     # Narration: paragraphs dominate.
     "long": {"reply": 0.15, "sentence": 0.45, "paragraph": 0.40},
-    # Paragraphs only (2 to 5 sentences, cut at --max-chars): what streaming is for.
+    # Paragraphs only, each filled with sentences up to --max-chars (FILLED_PROFILES): what streaming is for.
     "paragraphs": {"reply": 0.0, "sentence": 0.0, "paragraph": 1.0},
 }
 DEFAULT_LANGUAGE_MIX: dict[str, float] = {"pt": 0.35, "en": 0.30, "es": 0.15, "fr": 0.08, "de": 0.07, "it": 0.05}
 PARAGRAPH_SENTENCES = (2, 5)  # inclusive range
+# Profiles whose paragraphs take sentences (the language's pool in a shuffled order, again when it runs out)
+# until the next would pass max_chars: --max-chars 400 gives 340-400 characters in every language.
+FILLED_PROFILES = frozenset({"paragraphs"})
 
 
 @dataclass(frozen=True)
@@ -203,8 +207,15 @@ def _weighted(rng: random.Random, items: Sequence[Any], cum_weights: Sequence[fl
     return items[bisect.bisect_right(cum_weights, x)] if x < cum_weights[-1] else items[-1]
 
 
-def _paragraph(rng: random.Random, language: str, max_chars: int) -> str:
+def _paragraph(rng: random.Random, language: str, max_chars: int, fill: bool = False) -> str:
     pool = SENTENCES[language]
+    if fill:
+        picked: list[str] = []
+        while True:
+            for sentence in rng.sample(pool, len(pool)):
+                if len(" ".join([*picked, sentence])) > max_chars:
+                    return " ".join(picked) if picked else sentence[:max_chars]
+                picked.append(sentence)
     count = rng.randint(*PARAGRAPH_SENTENCES)
     picked = rng.sample(pool, min(count, len(pool)))
     text = " ".join(picked)
@@ -239,7 +250,7 @@ def make_jobs(spec: WorkloadSpec, n: int, stream: str = "jobs") -> list[JobSpec]
         elif length_class == "sentence":
             text = rng.choice(SENTENCES[language])
         else:
-            text = _paragraph(rng, language, spec.max_chars)
+            text = _paragraph(rng, language, spec.max_chars, spec.profile in FILLED_PROFILES)
         text = text[: spec.max_chars]
         jobs.append(JobSpec(i, text, language, voice, length_class, rng.randrange(1 << 31)))
     return jobs

@@ -102,6 +102,12 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.preempted_rows = Counter(
+            "xtts_preempted_rows_total",
+            "Running later segments of streamed jobs sent back to the queue so that another stream's first segment "
+            "could start (each at most once; it restarts from its prompt).",
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "xtts_queue_depth_requests", "Requests waiting for the GPU scheduler.", registry=registry
         )
@@ -228,6 +234,9 @@ class SchedulerMetrics:
     def span_vocoded(self, seconds: float, frames: int, given: int) -> None:
         self.metrics.vocoder_frames.labels(kind="vocoded").inc(frames)
         self.metrics.vocoder_frames.labels(kind="given").inc(given)
+
+    def rows_preempted(self, count: int) -> None:
+        self.metrics.preempted_rows.inc(count)
 
 
 class StorageMetrics:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import time
 
 import numpy as np
 import pytest
@@ -179,3 +180,47 @@ def test_stream_settings_are_checked():
     with pytest.raises(ValueError, match="first <= max"):
         StreamSettings(2.0, 1.0)
     assert dataclasses.asdict(StreamSettings()) == {"first_s": 0.5, "max_s": 8.0}
+
+
+@pytest.mark.slow
+async def test_a_stream_waiting_for_a_row_takes_one_from_a_later_segment_that_restarts_with_the_same_audio(
+    tiny_engine,
+):
+    """Two rows, both taken by stream A's first two segments (its third waits): stream B's first segment takes
+    the row of A's second segment, whose audio is needed seconds later (the clock is frozen, so it stays so),
+    instead of waiting for a row to finish. A's second segment restarts from its prompt afterwards; both
+    streams' audio is what `submit` gives for the same seeds, and the row went back to the queue only once."""
+    preempted = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return lambda *a: preempted.append(a[0]) if name == "rows_preempted" else None
+
+    now = [100.0]
+    scheduler = Scheduler(tiny_engine, LatentCache(8, None, "t"), max_batch_size=2, batch_wait_s=0.0,
+                          clock=lambda: now[0], observer=Spy())  # fmt: skip
+    await scheduler.start()
+    a_params, b_params = SamplingParams(seed=21), SamplingParams(seed=22)
+    try:
+        a_whole = await scheduler.submit(SpeechRequest(TEXTS["ja"], "ja", "v", _load, a_params))  # latents cached
+        b_whole = await scheduler.submit(SpeechRequest(TEXTS["zh-cn"], "zh-cn", "v", _load, b_params))
+        assert not preempted
+        # Hold the engine thread, so that B arrives while A's first two segments hold both rows.
+        gate = asyncio.ensure_future(scheduler.run_on_engine(time.sleep, 1.0))
+        a = asyncio.ensure_future(_streamed(scheduler, TEXTS["ja"], "ja", a_params))
+        for _ in range(100):
+            if scheduler.running_rows == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.running_rows == 2 and scheduler.queue_depth == 1
+        b = asyncio.ensure_future(_streamed(scheduler, TEXTS["zh-cn"], "zh-cn", b_params))
+        await gate
+        (a_chunks, a_result), (b_chunks, b_result) = await asyncio.gather(a, b)
+    finally:
+        await scheduler.close()
+    assert preempted == [1]
+    for chunks, result, whole in ((a_chunks, a_result, a_whole), (b_chunks, b_result, b_whole)):
+        joined = np.concatenate([c.samples for c in chunks])
+        assert len(joined) == len(whole.wav)
+        np.testing.assert_allclose(joined, whole.wav, rtol=0, atol=1e-3)
+        assert result.segments == 3

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from bench.workload import (
+    LANGUAGES,
     PROFILES,
     REPLIES,
     SENTENCES,
@@ -79,6 +80,15 @@ def test_text_lengths_short_replies_to_paragraphs():
     # Replies are shorter than sentences, sentences shorter than paragraphs.
     medians = [statistics.median(j.chars for j in by_class[c]) for c in ("reply", "sentence", "paragraph")]
     assert medians == sorted(medians)
+
+
+def test_the_paragraphs_profile_fills_each_paragraph_up_to_max_chars():
+    for language in LANGUAGES:
+        spec = WorkloadSpec(profile="paragraphs", max_chars=400, languages=((language, 1.0),))
+        jobs = make_jobs(spec, 200, "fill")
+        longest = max(len(t) for t in SENTENCES[language])
+        assert all(400 - longest - 1 <= j.chars <= 400 for j in jobs), (language, min(j.chars for j in jobs))
+    assert describe(make_jobs(WorkloadSpec(profile="paragraphs", max_chars=400), 500, "d"))["chars_mean"] > 360
 
 
 def test_max_chars_caps_every_text_and_the_default_profile_is_short():

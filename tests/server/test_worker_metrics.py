@@ -38,7 +38,7 @@ def test_every_family_is_registered_with_a_unit_in_its_name(metrics):
         "xtts_storage_retries", "xtts_storage_errors", "xtts_gpu_memory_bytes",
         "xtts_engine_info",  # an info gauge: Prometheus's convention is the _info suffix, no unit
         "xtts_running_rows", "xtts_admitted_rows", "xtts_step_duration_seconds", "xtts_kv_cache_positions",
-        "xtts_time_to_first_audio_seconds", "xtts_vocoder_frames",  # streaming
+        "xtts_time_to_first_audio_seconds", "xtts_vocoder_frames", "xtts_preempted_rows",  # streaming
     }  # fmt: skip
 
 
@@ -48,6 +48,8 @@ def test_streaming_hooks(metrics):
     hooks.span_vocoded(0.3, 122, 94)
     assert value(metrics, "xtts_vocoder_frames_total", kind="vocoded") == 197
     assert value(metrics, "xtts_vocoder_frames_total", kind="given") == 141
+    hooks.rows_preempted(2)
+    assert value(metrics, "xtts_preempted_rows_total") == 2
     hooks.step_done(3, 0.01, 100, 1000)
     hooks.rows_evicted(1)  # rows left without a step: the gauge follows at once
     assert value(metrics, "xtts_running_rows") == 1
