@@ -377,11 +377,8 @@ class XttsEngine:
         return self._running.latents(key)
 
     def vocode_span(self, vocoder: RowVocoder, latents: torch.Tensor, final: bool, max_frames: int | None) -> np.ndarray:
-        """The next span of a row's audio (see RowVocoder.next_span)."""
-        started = time.perf_counter()
-        wav = vocoder.next_span(latents, final, max_frames)
-        self.last_vocoder_s = time.perf_counter() - started
-        return wav
+        """The next span of a row's audio (see RowVocoder.next_span); the scheduler times it itself."""
+        return vocoder.next_span(latents, final, max_frames)
 
     def release_memory(self) -> None:
         """Give freed heap pages back to the OS (CPU). Call when idle: after every vocoder call, the pages it

@@ -146,14 +146,13 @@ class Running:
     decoded: int  # tokens decoded so far (the work a preemption throws away)
 
 
-def preempt(
-    waiting: Sequence[Waiting], running: Sequence[Running], now: float, *, free_rows: int, min_lead_s: float
-) -> tuple:
+def preempt(waiting: Sequence[Waiting], running: Sequence[Running], *, free_rows: int, min_lead_s: float) -> tuple:
     """Running rows to send back to the queue, so that waiting first segments of streams start now.
 
     When more first segments of streams wait than rows are free, each may take the row of a later segment of a
-    stream whose audio is needed later than its own and not within `min_lead_s`: the latest needed first, the
-    least decoded among equals. The row restarts from its prompt when it is admitted again (by its due time, as
+    stream whose audio is needed at least `min_lead_s` after its own (the starter's arrival: compared on the
+    timeline of need, not with the clock of the step boundary, which on a CPU comes seconds later): the latest
+    needed first, the least decoded among equals. The row restarts from its prompt when it is admitted again (by its due time, as
     before): its seed is its own, so it decodes the same tokens, and nothing of it was given out yet (only a
     stream's current segment is vocoded while it runs; the caller passes only rows that are not). The caller
     passes each row at most once in its life, which bounds the work thrown away to one partial row each."""
@@ -161,11 +160,10 @@ def preempt(
         raise ValueError(f"free_rows must be >= 0, got {free_rows}")
     # Those that admission, by rank, would leave without a row.
     starters = [w for w in sorted(waiting, key=lambda w: w.rank)[free_rows:] if w.starts_stream]
-    victims = sorted((r for r in running if r.due is not None and r.due - now >= min_lead_s),
-                     key=lambda r: (-r.due, r.decoded))  # fmt: skip
+    victims = sorted((r for r in running if r.due is not None), key=lambda r: (-r.due, r.decoded))
     chosen = []
     for starter, victim in zip(starters, victims):
-        if victim.due <= starter.rank[0]:  # its audio is needed before the starter's: keep it (and the rest)
+        if victim.due < starter.rank[0] + min_lead_s:  # needed about as soon as the starter: keep it (and the rest)
             break
         chosen.append(victim.key)
     return tuple(chosen)

@@ -618,7 +618,7 @@ class Scheduler:
                 if vocoder is None:
                     vocoder = request.vocoders[row.index] = self.engine.row_vocoder(self._segment(row))
                 frames = min(vocoder.ready(len(f.latents), final=True), self._span_cap)
-                out.append(_Span(row, vocoder, f, self._span_cap, frames, False))
+                out.append(_Span(row, vocoder, f, self._span_cap, frames, False, False))
                 continue
             current = row.index == request.joiner.current
             finished = self._finished[row][0] if row in self._finished else None
@@ -627,7 +627,9 @@ class Scheduler:
             vocoder = request.vocoders.get(row.index)
             if vocoder is None:
                 vocoder = request.vocoders[row.index] = self.engine.row_vocoder(self._segment(row))
-            limit = request.span_frames if current else None
+            # The current segment's spans grow from STREAM_FIRST_CHUNK_S; a finished later segment goes in spans
+            # of at most vocoder_span_s, as any finished row (None: whole).
+            limit = request.span_frames if current else self._span_cap
             if finished is not None:
                 ready = vocoder.ready(len(finished.latents), final=True)
                 frames = ready if limit is None else min(ready, limit)
@@ -636,7 +638,7 @@ class Scheduler:
                 if ready < limit:
                     continue
                 frames = limit
-            out.append(_Span(row, vocoder, finished, limit, frames, current and request.joiner.given == 0))
+            out.append(_Span(row, vocoder, finished, limit, frames, current and request.joiner.given == 0, current))
         return out
 
     def _tick(self, gone: list[_Row], admit: list[_Row], vocode: list, spans: list[_Span]) -> _Tick:
@@ -743,7 +745,7 @@ class Scheduler:
                 f = self._finished.pop(row)[0]
                 self._deliver(row, SegmentAudio(f.codes, np.concatenate(parts)), 0.0, self._row_peak.pop(row, 1))
             return
-        if job.max_frames is not None:  # the current segment's span: the next one is longer
+        if job.grows:  # the current segment's span: the next one is longer
             request.span_frames = min(2 * request.span_frames, self._max_frames)
         self._give(request, row.index, wav, ended=done)
         if done:
@@ -821,7 +823,7 @@ class Scheduler:
             if row.due is not None and not row.request.finished and row.index not in row.request.preempted
             and row.index != row.request.joiner.current and row.index not in row.request.vocoders
         ]  # fmt: skip
-        victims = policy.preempt(list(self._waiting.values()), candidates, self.clock(),
+        victims = policy.preempt(list(self._waiting.values()), candidates,
                                  free_rows=max(0, self._row_cap - len(self._running)),
                                  min_lead_s=PREEMPT_MIN_LEAD_S)  # fmt: skip
         for row in victims:
@@ -868,7 +870,7 @@ class _Tick:
 SPOKEN_CHARS_PER_S = 15.0
 
 # A running later segment of a stream is sent back to the queue for another stream's first segment only when its
-# own audio is needed no sooner than this (policy.preempt).
+# own audio is needed at least this long after the other stream's first audio (policy.preempt).
 PREEMPT_MIN_LEAD_S = 2.0
 
 # A span of a row still decoding counts as finishing after every row that has finished (policy.next_vocode).
@@ -882,9 +884,10 @@ class _Span:
     row: _Row
     vocoder: object  # batching.vocoder.RowVocoder
     finished: object | None  # batching.running.FinishedRow
-    max_frames: int | None  # None: the rest of the row (a later segment, vocoded whole)
+    max_frames: int | None  # None: the rest of the row (vocoded whole)
     frames: int  # about how many frames it gives (the policy's length)
     first: bool  # it gives its request's first audio
+    grows: bool  # the current segment's span of a streamed request: the next one is twice as long
 
 
 def _frames_estimate(tokens: int, speed: float) -> int:

@@ -2,6 +2,7 @@
 
     python -m bench [local]  [--size tiny|small|full] [--device cpu|cuda] [--concurrencies 1,4,16] [--jobs 16] ...
     python -m bench endpoint --endpoint-id ID [--base-url https://api.runpod.ai/v2] [--mode run|runsync] ...
+    python -m bench http [--http-url URL] [--concurrencies 1,16] ...   (OpenAI speech API, SERVER_MODE=http)
     python -m bench engine [--size small] [--requests 16] ...     (the engine benchmark: bench/engine_bench.py)
 
 `local` (the default) starts everything on 127.0.0.1 (bench/stack.py): fake-gcs-server (behind a latency/fault
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bench.cli import build_parser, validate
+from bench.cli import build_parser, is_local, validate
 
 if TYPE_CHECKING:
     from bench.runs import Bench
@@ -52,7 +53,7 @@ async def _amain(bench: Bench) -> int:
     out_dir = Path(a.out_dir) if a.out_dir else RESULTS
     status = 0
     try:
-        if a.target == "local":
+        if is_local(a):
             await bench.run_local()
         else:
             await bench.run_endpoint()

@@ -41,9 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         "`python -m bench engine --help`: the engine benchmark.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("target", nargs="?", default="local", choices=["local", "endpoint"],
+    p.add_argument("target", nargs="?", default="local", choices=["local", "endpoint", "http"],
                    help="local: start emulator, fake RunPod and worker processes here; endpoint: a RunPod "
-                   "endpoint over HTTP")  # fmt: skip
+                   "endpoint over HTTP; http: OpenAI speech requests to a worker in HTTP mode, here beside the "
+                   "queue mode (--configs streaming,http), or at --http-url")  # fmt: skip
     g = p.add_argument_group("workload (the same for every configuration)")
     g.add_argument("--concurrencies", type=_int_list, default="1,4,16",
                    help="closed-loop points: clients each keeping one job outstanding ('' for none)")
@@ -125,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-url", help="endpoint: the worker's Prometheus URL, to scrape around each point")
     g.add_argument("--worker-pid", type=int, help="endpoint: the worker's pid, to sample its RSS")
 
+    g = p.add_argument_group("http target")
+    g.add_argument("--http-url",
+                   help="a running HTTP-mode worker or RunPod load-balancing endpoint (https://ID.api.runpod.ai; "
+                   "API key from RUNPOD_API_KEY); without it, `http` runs locally: --configs streaming,http")
+
     g = p.add_argument_group("soak (reliability)")
     g.add_argument("--soak-jobs", type=int, default=0,
                    help="after the load points, N more jobs in a closed loop while the worker's RSS is sampled")
@@ -143,15 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_local(args: argparse.Namespace) -> bool:
+    """Does the run start its own stack here (`local`, and `http` without --http-url)?"""
+    return args.target == "local" or (args.target == "http" and not args.http_url)
+
+
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     if not args.concurrencies and not args.rates and not args.soak_jobs:
         parser.error("nothing to run: give --concurrencies, --rates or --soak-jobs")
-    if args.target == "local":
+    if args.target == "http" and args.http_url:
+        for flag in ("compare_gcs_latency", "model_dir", "gcs_latency_ms", "gcs_fail", "gcs_resets"):
+            if getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} applies to a local run only")
+    elif args.target in ("local", "http"):
         if args.stream:
             args.configs = "continuous,streaming"
+        if args.target == "http" and args.configs == "baseline,batched":  # not given: queue mode beside HTTP mode
+            args.configs = "streaming,http"
         configs = [c.strip() for c in args.configs.split(",") if c.strip()]
         bad = [c for c in configs if c not in CONFIG_NAMES]
         if bad or not configs:
@@ -172,7 +189,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error("GCS fault injection applies to the local target only")
     try:
         args.ref_url_template.format(voice=0)
-        if args.target == "local":
+        if is_local(args):
             split_gs_url(args.ref_url_template.format(voice=0))
     except (KeyError, IndexError, ValueError) as exc:
         parser.error(f"--ref-url-template: {exc}")

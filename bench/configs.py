@@ -6,7 +6,9 @@
 - static / continuous: the worker as deployed with SCHEDULING=static (whole batches run to completion) or
   SCHEDULING=continuous (the default: rows join and leave at every decoding step), to compare the two in one run;
 - streaming: continuous with STREAMING=on (each job's audio streams before its result), against continuous: time
-  to first audio beside the non-streamed latency of the same jobs (`python -m bench --stream`).
+  to first audio beside the non-streamed latency of the same jobs (`python -m bench --stream`);
+- http: continuous in HTTP mode (SERVER_MODE=http: OpenAI's speech API, the audio streamed in the response body),
+  against streaming, the queue mode, on the same jobs (`python -m bench http`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ UNBATCHED_SETTINGS: dict[str, str] = {
     "LATENT_CACHE_DIR": "",
 }
 BASELINE_SETTINGS: dict[str, str] = {**UNBATCHED_SETTINGS, "XTTS_ENGINE": "stock"}
-CONFIG_NAMES = ("baseline", "unbatched", "batched", "static", "continuous", "streaming")
+CONFIG_NAMES = ("baseline", "unbatched", "batched", "static", "continuous", "streaming", "http")
 
 
 def batched_settings(max_concurrency: int = 32, max_batch_size: int = 8, batch_wait_ms: float = 15) -> dict:
@@ -47,4 +49,5 @@ def config_settings(max_concurrency: int = 32, max_batch_size: int = 8,
         "static": {**batched, "SCHEDULING": "static"},
         "continuous": {**batched, "SCHEDULING": "continuous"},
         "streaming": {**batched, "SCHEDULING": "continuous", "STREAMING": "on"},
+        "http": {**batched, "SCHEDULING": "continuous", "SERVER_MODE": "http"},
     }

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import argparse
 
+from bench.cli import is_local
+
 
 def report_notes(a: argparse.Namespace, runs: list[dict], model: dict, faults_injected: bool) -> list[str]:
     """The notes of a load report: how it ran, what the configurations are, what the numbers do not say."""
     notes = []
-    if a.target == "local":
+    if is_local(a):
         configs = {r["config"] for r in runs}
+        if "http" in configs:
+            notes.append(
+                "http = the worker in HTTP mode (SERVER_MODE=http): each job is one OpenAI speech request "
+                "(POST /v1/audio/speech, response_format pcm, stream_format audio) straight to the worker's port, "
+                "no job queue; its time to first audio is when the first byte of the response body reached the "
+                "load generator, its latency when the last did. Its side has no queue_wait or batch size per job "
+                "(the response carries only audio): see the worker's batch histogram.")
         if len(configs) > 1:
             notes.append(
                 "Order: " + ("interleaved — every configuration's worker was up for the whole run, and each "

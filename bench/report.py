@@ -162,7 +162,9 @@ def markdown(report: dict[str, Any]) -> str:
                 if (p.get("first_audio_s") or {}).get("n")]  # fmt: skip
     if streamed:
         lines += ["", "## Time to first audio (streamed runs)", "",
-                  "From the job's submission to its first stream message's arrival at the fake RunPod service.", "",
+                  "From the job's submission to its first audio: queue mode, the first stream message's arrival at "
+                  "the fake RunPod service (or, against an endpoint, the /stream read that brought it); HTTP mode, the "
+                  "first byte of the response body at the load generator.", "",
                   "| run | point | jobs | first audio p50 s | p95 s | latency p50 s | p95 s |",
                   "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for name, p in streamed:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.cli import is_local
 from bench.configs import config_settings
 from bench.load import RunRecord, measure_points, soak
 from bench.notes import report_notes
@@ -25,7 +26,7 @@ from bench.stack import (
     LocalOptions, RunStack, check_device, checkpoint_dir, cleanup_workdir, new_workdir, voice_wav_bytes,
 )  # fmt: skip
 from bench.summary import compare_points
-from bench.targets import EndpointTarget, MetricsScraper, RssSampler
+from bench.targets import EndpointTarget, HttpTarget, MetricsScraper, RssSampler
 from bench.workload import WorkloadSpec, describe, parse_language_mix, plan_points, split_gs_url, warmup_jobs
 from testing.gcs_emulator import GcsEmulator
 
@@ -47,9 +48,14 @@ class Bench:
         self.date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     @property
+    def local(self) -> bool:
+        """Runs on the local stack (`local`, and `http` without --http-url)."""
+        return is_local(self.args)
+
+    @property
     def faults_injected(self) -> bool:
         a = self.args
-        return bool(a.target == "local" and (a.gcs_fail or a.gcs_resets))
+        return bool(self.local and (a.gcs_fail or a.gcs_resets))
 
     def soak_settings(self) -> tuple[int, int, int]:
         a = self.args
@@ -59,8 +65,13 @@ class Bench:
 
     def report_name(self) -> str:
         a = self.args
-        return a.name or (f"load-{a.size}-{a.device.replace(':', '')}" if a.target == "local"
-                          else f"endpoint-{a.endpoint_id}")  # fmt: skip
+        if a.name:
+            return a.name
+        if a.target == "endpoint":
+            return f"endpoint-{a.endpoint_id}"
+        if a.target == "http" and a.http_url:
+            return "http-endpoint"
+        return f"{'http' if a.target == 'http' else 'load'}-{a.size}-{a.device.replace(':', '')}"
 
     def to_input(self, job):
         return job.to_input(self.args.ref_url_template)
@@ -174,15 +185,21 @@ class Bench:
         points = plan_points(self.spec, a.jobs, a.concurrencies, a.rates)
         self.extra["points"] = points
         self.extra["model"] = {"description": "as deployed on the endpoint"}
-        endpoints = ([("baseline", a.baseline_endpoint_id)] if a.baseline_endpoint_id else []) + [
-            ("endpoint", a.endpoint_id)]
+        if a.target == "http":  # one HTTP-mode worker or load-balancing endpoint
+            endpoints = [("http", a.http_url)]
+        else:
+            endpoints = ([("baseline", a.baseline_endpoint_id)] if a.baseline_endpoint_id else []) + [
+                ("endpoint", a.endpoint_id)]
         soak_jobs, soak_c, soak_warm = self.soak_settings()
         api_key = os.environ.get("RUNPOD_API_KEY") or None
         async with aiohttp.ClientSession(trust_env=False) as session:
             for config, endpoint_id in endpoints:
-                target = EndpointTarget(a.base_url, endpoint_id, self.to_input, api_key=api_key, mode=a.mode,
-                                        layout=a.api_layout, status_method=a.status_method,
-                                        poll_interval_s=a.poll_interval_s, stream=a.stream)  # fmt: skip
+                if a.target == "http":
+                    target = HttpTarget(endpoint_id, self.to_input, api_key=api_key)
+                else:
+                    target = EndpointTarget(a.base_url, endpoint_id, self.to_input, api_key=api_key, mode=a.mode,
+                                            layout=a.api_layout, status_method=a.status_method,
+                                            poll_interval_s=a.poll_interval_s, stream=a.stream)  # fmt: skip
                 await target.start()
                 run = RunRecord(run=config, config=config)
                 self.runs.append(run)
@@ -226,13 +243,13 @@ class Bench:
             # Every run against the baseline (the seed); batched also against unbatched (what batching and the
             # caches buy on this worker's own engine).
             denominators = {"batched": ("baseline", "unbatched"), "continuous": ("baseline", "static"),
-                            "streaming": ("baseline", "continuous")}
+                            "streaming": ("baseline", "continuous"), "http": ("baseline", "streaming")}
             for denominator in denominators.get(run["config"], ("baseline",)):
                 base = next((r for r in runs if r["config"] == denominator
                              and r["gcs_latency_ms"] == run["gcs_latency_ms"]), None)  # fmt: skip
                 if base is not None and run is not base:
                     ratios.append(compare_points(run, base))
-            if run["gcs_latency_ms"] and a.target == "local" and a.compare_gcs_latency is not None:
+            if run["gcs_latency_ms"] and self.local and a.compare_gcs_latency is not None:
                 ref = next((r for r in runs if r["config"] == run["config"]
                             and r["gcs_latency_ms"] == a.gcs_latency_ms), None)  # fmt: skip
                 if ref is not None:
@@ -250,12 +267,12 @@ class Bench:
             "machine": machine,
             "git": git_info(Path(__file__).resolve().parents[1]),
             "model": self.extra.get("model", {}),
-            "device": a.device if a.target == "local" else "as deployed",
+            "device": a.device if self.local else "as deployed",
             "workload": {**self.spec.as_dict(), "jobs_per_point": a.jobs, "concurrencies": a.concurrencies,
                          "rates": a.rates, "ref_seconds": a.ref_seconds, "warmup_jobs": a.warmup_jobs,
                          "offered": describe([j for p in points for j in p.jobs])},  # fmt: skip
             "configs": {r["run"]: r["settings"] for r in runs},
-            "order": a.order if a.target == "local" else "sequential",
+            "order": a.order if self.local else "sequential",
             "gcs": self.extra.get("gcs"),
             "endpoint": self.extra.get("endpoint"),
             "faults_injected": self.faults_injected,

@@ -4,7 +4,8 @@ production mode) started with empty caches, warmed up, measured and stopped.
 
     fake-gcs-server [-> FaultProxy] <- worker <- FakeRunPod <- the load generator (bench.targets.LocalTarget)
 
-The test doubles come from the `testing` package; the worker never sees a variable of the shell that runs the
+A run in HTTP mode (SERVER_MODE=http) has no fake RunPod: the load generator sends OpenAI speech requests to the
+worker's own port (bench.targets.HttpTarget). The test doubles come from the `testing` package; the worker never sees a variable of the shell that runs the
 bench (`worker_base_env`).
 """
 
@@ -27,7 +28,7 @@ import aiohttp
 
 from bench.load import RunJob, RunRecord, measure_points
 from bench.summary import MB
-from bench.targets import JobRecord, LocalTarget, MetricsScraper, RssSampler
+from bench.targets import HttpTarget, JobRecord, LocalTarget, MetricsScraper, RssSampler
 from bench.workload import JobSpec, PointPlan, warmup_jobs
 from testing.faultproxy import FaultProxy
 from testing.loopback import free_port
@@ -42,8 +43,10 @@ REPO = Path(__file__).resolve().parents[1]
 _WORKER_VARIABLE_PREFIXES = (
     "RUNPOD_", "GCS_", "STORAGE_", "XTTS_", "LATENT_CACHE", "AUDIO_CACHE", "MAX_", "ALLOWED_", "ALLOW_LOOPBACK",
     "SIGNED_URL", "LOCAL_STORAGE_DIR", "GOOGLE_APPLICATION_CREDENTIALS", "BATCH_WAIT_MS", "METRICS_PORT",
-    "JOB_TIMEOUT_S", "DEFAULT_LANGUAGE", "DEFAULT_OUTPUT_FORMAT", "LOG_LEVEL", "SCHEDULING",
+    "JOB_TIMEOUT_S", "DEFAULT_LANGUAGE", "DEFAULT_OUTPUT_FORMAT", "LOG_LEVEL", "SCHEDULING", "STREAM",
+    "VOCODER_SPAN", "SERVER_MODE", "PORT_HEALTH", "API_KEY", "VOICE_REF_URL_TEMPLATE",
 )  # fmt: skip
+_WORKER_VARIABLES = frozenset({"PORT", "HOST"})
 
 
 class BenchError(RuntimeError):
@@ -82,7 +85,8 @@ def check_device(device: str) -> None:
 
 
 def worker_base_env(extra: dict[str, str]) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(_WORKER_VARIABLE_PREFIXES)}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(_WORKER_VARIABLE_PREFIXES) and k not in _WORKER_VARIABLES}  # fmt: skip
     return {**base, **extra}
 
 
@@ -99,16 +103,16 @@ class LocalOptions:
 
 
 class LocalWorker:
-    """One worker process for one configuration: start, wait until it has served the warm-up jobs, stop."""
+    """One worker process for one configuration: start, wait until it has served the warm-up jobs, stop.
+    `serving`: how jobs reach it (the fake RunPod's variables in queue mode, PORT and HOST in HTTP mode)."""
 
-    def __init__(self, fake: FakeRunPod, opts: LocalOptions, run: RunRecord, gcs_url: str):
-        self.fake = fake
+    def __init__(self, serving: dict[str, str], opts: LocalOptions, run: RunRecord, gcs_url: str):
         self.opts = opts
         self.run = run
         tag = run.run.replace("+", "-")
         self.metrics_port = free_port()
         env = {
-            **fake.env(),
+            **serving,
             "PYTHONUNBUFFERED": "1",
             "XTTS_MODEL_DIR": str(opts.checkpoint),
             "XTTS_DEVICE": opts.device,
@@ -207,16 +211,22 @@ class RunStack:
         self.proxy: FaultProxy | None = None
         self.fake: FakeRunPod | None = None
         self.worker: LocalWorker | None = None
-        self.target: LocalTarget | None = None
+        self.target: LocalTarget | HttpTarget | None = None
         self.scraper: MetricsScraper | None = None
 
     async def start(self) -> None:
         t0 = time.monotonic()
         if self.use_proxy:
             self.proxy = await FaultProxy(self.emulator_url, latency_ms=self.run.gcs_latency_ms).start()
-        self.fake = await FakeRunPod(poll_timeout_s=1.0, stop_poll_timeout_s=1.0).start()
-        self.target = LocalTarget(self.fake, self.to_input)
-        self.worker = LocalWorker(self.fake, self.opts, self.run, self.proxy.url if self.proxy else self.emulator_url)
+        gcs_url = self.proxy.url if self.proxy else self.emulator_url
+        if self.run.settings.get("SERVER_MODE") == "http":  # OpenAI speech requests straight to the worker
+            port = free_port()
+            self.target = await HttpTarget(f"http://127.0.0.1:{port}", self.to_input).start()
+            self.worker = LocalWorker({"PORT": str(port), "HOST": "127.0.0.1"}, self.opts, self.run, gcs_url)
+        else:
+            self.fake = await FakeRunPod(poll_timeout_s=1.0, stop_poll_timeout_s=1.0).start()
+            self.target = LocalTarget(self.fake, self.to_input)
+            self.worker = LocalWorker(self.fake.env(), self.opts, self.run, gcs_url)
         await self.worker.start(self.target.run_job, warm_voice=self.warm_voice)
         if self.proxy is not None:  # faults hit the measured jobs, not the warm-up
             if self.gcs_fail:
@@ -235,10 +245,12 @@ class RunStack:
         self.run.wall_s += time.monotonic() - t0
 
     async def close(self) -> None:
-        worker, fake, proxy = self.worker, self.fake, self.proxy
+        worker, fake, proxy, target = self.worker, self.fake, self.proxy, self.target
         self.worker = self.fake = self.proxy = None
         if worker is not None:
             await worker.stop()
+        if isinstance(target, HttpTarget):
+            await target.close()
         if fake is not None:
             await fake.close()
         if proxy is not None:

@@ -6,6 +6,9 @@
   Works against api.runpod.ai and against the SDK's local test API (`python -m server --rp_serve_api`), whose
   routes have no endpoint id (`/run`, `/runsync`, POST `/status/{id}`; read from runpod 1.12's
   serverless/modules/rp_fastapi.py). That API runs a /run job only when its /status is asked, inside that call.
+- `HttpTarget`: a worker in HTTP mode (SERVER_MODE=http, RunPod's load-balancing endpoints) or any server of
+  OpenAI's speech API: one `POST /v1/audio/speech` per job, its body streamed as raw PCM; time to first audio is
+  when the first byte of the body reached the client, latency when the last did.
 - `MetricsScraper`: the worker's Prometheus endpoint, scraped before and after each load point.
 - `RssSampler`: the worker process's resident memory (psutil), sampled every `interval_s`.
 
@@ -153,6 +156,99 @@ class LocalTarget:
         elif fj.state == CANCELLED:
             record.error = "cancelled"
         return record
+
+
+class HttpTarget:
+    """Jobs as OpenAI speech requests to an HTTP-mode worker (or a RunPod load-balancing endpoint's URL).
+    `await start()` first, `await close()` after."""
+
+    name = "http"
+    SAMPLE_RATE = 24000  # OpenAI's `pcm`: 16-bit little-endian mono at 24 kHz
+
+    def __init__(self, base_url: str, to_input: Callable[[JobSpec], dict], *, api_key: str | None = None,
+                 model: str = "xtts-v2"):  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        self.to_input = to_input
+        self.api_key = api_key
+        self.model = model
+        self._session: aiohttp.ClientSession | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_url": self.base_url, "route": "/v1/audio/speech", "response_format": "pcm",
+                "stream_format": "audio", "model": self.model}  # fmt: skip
+
+    async def start(self) -> HttpTarget:
+        if not self.api_key and not is_loopback_url(self.base_url):
+            raise EndpointError(f"no API key for {self.base_url}: set RUNPOD_API_KEY (only a loopback URL may go "
+                                "without one)")  # fmt: skip
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # One connection per job in flight: the default pool (100) is larger than any concurrency asked here.
+        self._session = aiohttp.ClientSession(headers=headers, trust_env=False,
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def request_body(self, job: JobSpec) -> dict[str, Any]:
+        """The job's seed payload as OpenAI's speech request; the worker's own fields ride along (`extra_body`)."""
+        seed = self.to_input(job)
+        body = {"model": self.model, "input": seed["gen_text"], "voice": seed["voice_id"],
+                "response_format": "pcm", "stream_format": "audio", "speed": seed.get("speed", 1.0)}  # fmt: skip
+        for key in ("ref_audio_url", "language", "temperature", "top_k", "top_p", "seed"):
+            if key in seed:
+                body[key] = seed[key]
+        return body
+
+    async def run_job(self, job: JobSpec, timeout_s: float) -> JobRecord:
+        assert self._session is not None, "start() first"
+        record = new_record(job, TIMED_OUT)
+        started = time.monotonic()
+        record.submitted_at = started
+        received = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(f"{self.base_url}/v1/audio/speech", json=self.request_body(job)) as r:
+                    if r.status != 200:
+                        text = await r.text()
+                        record.status = FAILED
+                        record.error = f"HTTP {r.status}: {_openai_error(text)}"
+                        record.finished_at = time.monotonic()
+                        record.latency_s = record.finished_at - started
+                        return record
+                    async for chunk in r.content.iter_any():
+                        if chunk and record.first_audio_s is None:
+                            record.first_audio_s = time.monotonic() - started
+                        received += len(chunk)
+        except TimeoutError:
+            record.error = f"no complete response within {timeout_s:.0f} s"
+            return record
+        except aiohttp.ClientError as exc:
+            record.status = CLIENT_ERROR
+            record.error = f"{type(exc).__name__}: {exc}"[:300]
+            return record
+        record.finished_at = time.monotonic()
+        record.latency_s = record.finished_at - started
+        if received == 0 or received % 2:
+            record.status = FAILED
+            record.error = f"the body held {received} bytes: not 16-bit PCM audio"
+            return record
+        record.status = COMPLETED
+        record.audio_s = received / 2 / self.SAMPLE_RATE
+        return record
+
+
+def _openai_error(text: str) -> str:
+    """The message of OpenAI's error shape {"error": {"message", "type", "code"}}, or the body's start."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return text[:300]
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:300]
+    return text[:300]
 
 
 def is_loopback_url(url: str) -> bool:

@@ -86,30 +86,33 @@ def starter(key, at):
 
 def test_a_waiting_first_segment_takes_the_row_of_the_later_segment_needed_last():
     """Two first segments of streams wait, no row is free: the two running later segments needed latest (and
-    least decoded among equals) go back to the queue; one needed within min_lead_s, and a row that is not a
-    later segment of a stream (due None), stay."""
+    least decoded among equals) go back to the queue; one needed within min_lead_s of the starters' arrival, and
+    a row that is not a later segment of a stream (due None), stay."""
     running = [Running("soon", due=11.0, decoded=5), Running("late", due=30.0, decoded=50),
                Running("later", due=40.0, decoded=900), Running("tie", due=30.0, decoded=10),
                Running("plain", due=None, decoded=0)]  # fmt: skip
     waiting = [starter("s1", 9.0), starter("s2", 9.5)]
-    assert preempt(waiting, running, 10.0, free_rows=0, min_lead_s=2.0) == ("later", "tie")
+    assert preempt(waiting, running, free_rows=0, min_lead_s=2.0) == ("later", "tie")
     # One row is free: it goes to the first starter (by rank); the second takes one row.
-    assert preempt(waiting, running, 10.0, free_rows=1, min_lead_s=2.0) == ("later",)
-    assert preempt(waiting, running, 10.0, free_rows=2, min_lead_s=2.0) == ()
-    # Only rows needed later than the starter's own audio, and not within the lead.
-    assert preempt(waiting, running, 29.0, free_rows=0, min_lead_s=2.0) == ("later",)
-    assert preempt(waiting, running, 39.0, free_rows=0, min_lead_s=2.0) == ()
-    assert preempt([starter("s3", 45.0)], running, 10.0, free_rows=0, min_lead_s=2.0) == ()
+    assert preempt(waiting, running, free_rows=1, min_lead_s=2.0) == ("later",)
+    assert preempt(waiting, running, free_rows=2, min_lead_s=2.0) == ()
+    # Only rows needed at least min_lead_s after the starter's arrival.
+    assert preempt([starter("s", 9.5)], [Running("soon", due=11.0, decoded=5)], free_rows=0, min_lead_s=2.0) == ()
+    assert preempt([starter("s", 9.0)], [Running("soon", due=11.0, decoded=5)], free_rows=0, min_lead_s=2.0) == (
+        "soon",)
+    assert preempt([starter("s3", 38.0)], running, free_rows=0, min_lead_s=2.0) == ("later",)
+    assert preempt([starter("s3", 38.5)], running, free_rows=0, min_lead_s=2.0) == ()
+    assert preempt([starter("s3", 45.0)], running, free_rows=0, min_lead_s=2.0) == ()
 
 
 def test_only_first_segments_of_streams_preempt_and_only_when_admission_leaves_them_out():
     running = [Running("late", due=30.0, decoded=50)]
     plain = Waiting("p", "v", 10, enqueued_at=1.0, order=1, positions=10)
     later = Waiting("l", "v", 10, enqueued_at=1.0, order=2, positions=10, due=3.0)
-    assert preempt([plain, later], running, 5.0, free_rows=0, min_lead_s=2.0) == ()
+    assert preempt([plain, later], running, free_rows=0, min_lead_s=2.0) == ()
     # The free row goes to `plain` (older than the starter): the starter is left without one, so it preempts.
-    assert preempt([plain, starter("s", 4.0)], running, 5.0, free_rows=1, min_lead_s=2.0) == ("late",)
-    assert preempt([starter("s", 4.0)], running, 5.0, free_rows=1, min_lead_s=2.0) == ()
-    assert preempt([], running, 5.0, free_rows=0, min_lead_s=2.0) == ()
+    assert preempt([plain, starter("s", 4.0)], running, free_rows=1, min_lead_s=2.0) == ("late",)
+    assert preempt([starter("s", 4.0)], running, free_rows=1, min_lead_s=2.0) == ()
+    assert preempt([], running, free_rows=0, min_lead_s=2.0) == ()
     with pytest.raises(ValueError, match="free_rows"):
-        preempt([], running, 5.0, free_rows=-1, min_lead_s=2.0)
+        preempt([], running, free_rows=-1, min_lead_s=2.0)

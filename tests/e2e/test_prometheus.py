@@ -225,6 +225,10 @@ async def test_prometheus_scrapes_what_the_jobs_produced(monitored_worker):
 
 # Fed only where the worker runs on CUDA (torch's allocator); this CPU test cannot observe it.
 CUDA_ONLY = {"xtts_gpu_memory_bytes"}
+# Moves only when every row is taken by streams and another stream's first segment waits: a scheduling state
+# this load does not force. tests/batching/test_streaming.py (test_a_stream_waiting_for_a_row_takes_one_...)
+# forces it on the real engine and checks the hook; tests/server/test_worker_metrics.py checks the counter.
+CONTENTION_ONLY = {"xtts_preempted_rows_total"}
 
 
 def documented_metrics() -> set[str]:
@@ -271,7 +275,7 @@ async def test_every_documented_metric_is_fed(monitored_worker, gcs_proxy):
     assert all(job.state == COMPLETED for job in others), [job.result for job in others]
 
     fed = {name: max(peak.get(name, 0.0), peak.get(f"{name}_count", 0.0)) for name in documented}
-    unfed = sorted(name for name, value in fed.items() if value <= 0 and name not in CUDA_ONLY)
+    unfed = sorted(name for name, value in fed.items() if value <= 0 and name not in CUDA_ONLY | CONTENTION_ONLY)
     assert not unfed, f"documented in the README but never observed through the real loop: {unfed}"
     assert scrape.total("xtts_storage_retries_total", reason="5xx") == 2
     assert scrape.total("xtts_storage_errors_total", reason="ref_audio_not_found") == 1
