@@ -120,5 +120,9 @@ RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin worker \
     && chown worker:worker /workspace/code
 USER 1000:1000
 
-EXPOSE 9090
+# 9090: Prometheus metrics (METRICS_PORT). 8000: the HTTP API with SERVER_MODE=http (PORT; GET /ping on PORT_HEALTH,
+# by default the same port), for a RunPod load-balancing endpoint: set PORT=8000 and PORT_HEALTH=8000 in the
+# endpoint's environment and expose 8000 there (RunPod's own default, 80, needs root, and this image runs as uid
+# 1000). Queue endpoints (SERVER_MODE=queue, the default) listen on no port but METRICS_PORT.
+EXPOSE 8000 9090
 ENTRYPOINT ["/app/start.sh"]

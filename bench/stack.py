@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +138,8 @@ class LocalWorker:
     def log_tail(self, chars: int = 4000) -> str:
         return self.process.log_text()[-chars:]
 
-    async def start(self, run_job: RunJob, warm_voice: int) -> None:
+    async def start(self, run_job: RunJob, warm_voice: int, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start the process and serve the warm-up jobs, after `ready()` (HTTP mode: /ping 200) when given."""
         t0 = time.monotonic()
         await self.process.start()
         proc = self.process.process
@@ -147,6 +148,8 @@ class LocalWorker:
         log.info("[%s] worker pid %d starting (log %s)", self.run.run, proc.pid, self.log_path)
 
         async def warm() -> list[JobRecord]:
+            if ready is not None:
+                await ready()
             out = []
             for job in warmup_jobs(max(1, self.opts.warmup_jobs), warm_voice):  # one at a time
                 out.append(await run_job(job, self.opts.worker_start_timeout_s))
@@ -223,11 +226,13 @@ class RunStack:
             port = free_port()
             self.target = await HttpTarget(f"http://127.0.0.1:{port}", self.to_input).start()
             self.worker = LocalWorker({"PORT": str(port), "HOST": "127.0.0.1"}, self.opts, self.run, gcs_url)
+            ready = self.target.wait_ready
         else:
             self.fake = await FakeRunPod(poll_timeout_s=1.0, stop_poll_timeout_s=1.0).start()
             self.target = LocalTarget(self.fake, self.to_input)
             self.worker = LocalWorker(self.fake.env(), self.opts, self.run, gcs_url)
-        await self.worker.start(self.target.run_job, warm_voice=self.warm_voice)
+            ready = None
+        await self.worker.start(self.target.run_job, warm_voice=self.warm_voice, ready=ready)
         if self.proxy is not None:  # faults hit the measured jobs, not the warm-up
             if self.gcs_fail:
                 self.proxy.fail_next(self.gcs_fail, status=503)

@@ -192,6 +192,17 @@ class HttpTarget:
             await self._session.close()
             self._session = None
 
+    async def wait_ready(self, interval_s: float = 0.25) -> None:
+        """Until GET /ping answers 200 (the worker's model is loaded: 204 before, and nothing listens before
+        that). Unbounded: the caller bounds it."""
+        assert self._session is not None, "start() first"
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self._session.get(f"{self.base_url}/ping", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(interval_s)
+
     def request_body(self, job: JobSpec) -> dict[str, Any]:
         """The job's seed payload as OpenAI's speech request; the worker's own fields ride along (`extra_body`)."""
         seed = self.to_input(job)

@@ -6,6 +6,9 @@
 #     (gs://seu-bucket/referencias/voz_joao.wav, a synthetic voice) already in it;
 #   - starts `python -m server --rp_serve_api`: RunPod's local test API on http://127.0.0.1:${RP_API_PORT:-8000}
 #     (POST /runsync with test_input.json), metrics on http://127.0.0.1:${METRICS_PORT:-9090}/metrics.
+#   - or, with SERVER_MODE=http, the OpenAI-compatible HTTP server (server/http_server.py) on
+#     http://${HOST:-127.0.0.1}:${PORT:-8000} (POST /v1/audio/speech, POST /tts, GET /ping); the seed voice is the
+#     voice `voz_joao` through VOICE_REF_URL_TEMPLATE (default gs://$GCS_BUCKET_NAME/referencias/{voice}.wav).
 # Every setting can be overridden from the environment (see the README's Configuration section).
 # Extra arguments go to the worker, e.g. `scripts/run-worker.sh --test_input "$(cat test_input.json)"`.
 set -euo pipefail
@@ -29,7 +32,12 @@ if [ ! -f "$ref" ]; then
   "$py" -c "import sys, soundfile as sf; from testing.voices import synthetic_voice; sf.write(sys.argv[1], synthetic_voice(6.0), 22050)" "$ref"
 fi
 
-if [ $# -eq 0 ]; then
+if [ "${SERVER_MODE:-queue}" = "http" ]; then
+  export HOST="${HOST:-127.0.0.1}"
+  export PORT="${PORT:-8000}"
+  seed_voices="gs://$GCS_BUCKET_NAME/referencias/{voice}.wav" # the seed voice: voice voz_joao
+  export VOICE_REF_URL_TEMPLATE="${VOICE_REF_URL_TEMPLATE:-$seed_voices}"
+elif [ $# -eq 0 ]; then
   set -- --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "${RP_API_PORT:-8000}"
 fi
 exec "$py" -m server "$@"

@@ -3,8 +3,13 @@
     config (once, from the environment) -> logging -> metrics endpoint -> storage check -> engine loaded and
     warmed up -> runpod.serverless.start(async handler, concurrency_modifier)
 
+SERVER_MODE=http (server.http_server): config -> logging -> metrics endpoint -> HTTP listeners (GET /ping: 204)
+-> storage check -> engine loaded and warmed up (in a thread) -> handler context built in the server's own
+uvloop event loop -> /ping 200; SIGTERM drains the requests in flight, then the process exits 0.
+
 Everything that can fail at start fails here, before a job is taken, with a message that names the cause
-(a bad variable, "GCS not configured correctly: ...", "XTTS V2 model is not loaded: ..."), and exit code 2.
+(a bad variable, "GCS not configured correctly: ...", "XTTS V2 model is not loaded: ...", a port that cannot be
+listened on), and exit code 2.
 RunPod's own flags pass through to the SDK: `--rp_serve_api` (local test API), `--test_input '{...}'`.
 """
 
@@ -128,6 +133,44 @@ def make_context_builder(config, engine, metrics):
     return build
 
 
+def _is_startup_failure(exc: BaseException) -> bool:
+    """A failure at start that is the environment's, not a bug: exit 2 with its message, no traceback."""
+    from batching import EngineError
+    from server.config import ConfigError
+
+    # EngineError: the model; error_code: storage's configuration and access errors.
+    return isinstance(exc, EngineError | ConfigError) or bool(getattr(exc, "error_code", None))
+
+
+def _serve_http(config, metrics) -> int:
+    """SERVER_MODE=http: the OpenAI-compatible server (server.http_server) until SIGTERM; its exit code."""
+    import dataclasses
+
+    import uvloop
+
+    from server.http_server import StartupError, serve
+
+    async def start():
+        try:
+            await check_storage(config.storage)
+            engine = await asyncio.to_thread(load_engine, config)
+        except Exception as exc:
+            if _is_startup_failure(exc):
+                raise StartupError(str(exc)) from exc
+            raise
+        metrics.set_engine(config.engine, str(engine.device), "batched" if engine.vocoder_batched else "per_row")
+        metrics.update_gpu_memory()
+        context = await make_context_builder(config, engine, metrics)()
+        return dataclasses.replace(context, progress=None)  # RunPod's progress channel is for queue jobs
+
+    try:
+        uvloop.run(serve(config, start, metrics=metrics))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
+    return 0
+
+
 def _exit_on_fatal(error: BaseException) -> None:
     log.critical("fatal engine error: %s; answering the jobs in hand, then exiting (code %d) in %.0f s so that "
                  "RunPod replaces this worker", error, EXIT_FATAL_ENGINE, FATAL_EXIT_GRACE_S)  # fmt: skip
@@ -143,7 +186,7 @@ def _hard_exit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from server.config import ConfigError, WorkerConfig
+    from server.config import WorkerConfig
 
     try:
         config = WorkerConfig.from_env(os.environ)
@@ -159,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
     from prometheus_client import CollectorRegistry
 
-    from batching import EngineError
     from server.handler import make_concurrency_modifier, make_handler
     from server.metrics import Metrics, start_metrics_server
 
@@ -169,17 +211,19 @@ def main(argv: list[str] | None = None) -> int:
         start_metrics_server(config.metrics_port, registry)
         log.info("Prometheus metrics on port %d", config.metrics_port)
 
+    if config.server_mode == "http":
+        if ignored := (sys.argv[1:] if argv is None else argv):
+            log.warning("arguments ignored with SERVER_MODE=http (they are RunPod SDK flags): %s", " ".join(ignored))
+        return _serve_http(config, metrics)
+
     try:
         asyncio.run(check_storage(config.storage))
         engine = load_engine(config)
-    except (EngineError, ConfigError) as exc:
+    except Exception as exc:
+        if not _is_startup_failure(exc):
+            raise
         log.error("%s", exc)
         return EXIT_CONFIG
-    except Exception as exc:
-        if getattr(exc, "error_code", None):  # storage's configuration and access errors
-            log.error("%s", exc)
-            return EXIT_CONFIG
-        raise
     metrics.set_engine(config.engine, str(engine.device), "batched" if engine.vocoder_batched else "per_row")
     metrics.update_gpu_memory()
 

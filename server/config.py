@@ -44,6 +44,16 @@ Variables read here (defaults in brackets):
                           (RunPod's /stream) before its result; a job with "stream": false does not stream [off]
     STREAM_FIRST_CHUNK_S  audio in a streamed job's first chunk (seconds, 0.05..10)             [0.5]
     STREAM_MAX_CHUNK_S    longest later chunk: each chunk doubles up to this (seconds, 0.05..10) [8]
+    SERVER_MODE           queue | http: queue is RunPod's job queue (runpod.serverless.start); http serves
+                          an OpenAI-compatible HTTP API (server.http_server) for a load-balancing endpoint [queue]
+    (the next five are read only with SERVER_MODE=http)
+    HOST                  http: the address the HTTP server listens on                        [0.0.0.0]
+    PORT                  http: the port of the API (POST /v1/audio/speech, POST /tts, GET /ping) [8000]
+    PORT_HEALTH           http: the port of GET /ping; another port gets a listener of its own    [PORT]
+    API_KEY               http: when set, every request but /ping needs `Authorization: Bearer <API_KEY>`
+                          (a secret: never logged, never in summary())                       [unset: open]
+    VOICE_REF_URL_TEMPLATE  http: a voice id's reference audio, `{voice}` standing for the id, e.g.
+                          gs://my-bucket/voices/{voice}.wav; unset: each request must send ref_audio_url [unset]
 """
 
 from __future__ import annotations
@@ -62,6 +72,9 @@ LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
 ENGINES: tuple[str, ...] = ("batched", "stock")
 SCHEDULINGS: tuple[str, ...] = ("continuous", "static")
+SERVER_MODES: tuple[str, ...] = ("queue", "http")
+VOICE_PLACEHOLDER = "{voice}"
+DEFAULT_HTTP_PORT = 8000
 RELEASED_MODEL_NAMES: tuple[str, ...] = tuple(RELEASED_MODELS)
 
 # Why MAX_CONCURRENCY defaults to 4x MAX_BATCH_SIZE: the RunPod SDK (runpod 1.12, JobScaler.get_jobs) takes new
@@ -116,6 +129,17 @@ def _ref_min_level(reader: EnvReader) -> float | None:
                          rule="a number from -200 to 0 (dBFS) or off")
 
 
+def _voice_template(reader: EnvReader) -> str | None:
+    value = reader.raw("VOICE_REF_URL_TEMPLATE")
+    if value is None:
+        return None
+    rest = value.replace(VOICE_PLACEHOLDER, "", 1)
+    if VOICE_PLACEHOLDER not in value or "{" in rest or "}" in rest:
+        reader.fail("VOICE_REF_URL_TEMPLATE", f"a URL with one {VOICE_PLACEHOLDER} and no other braces, such as "
+                    f"gs://my-bucket/voices/{VOICE_PLACEHOLDER}.wav", value)  # fmt: skip
+    return value
+
+
 def _log_level(reader: EnvReader) -> str:
     value = reader.raw("LOG_LEVEL")
     if value is not None and value.upper() == "WARN":
@@ -129,6 +153,19 @@ def _storage_from_env(env: Mapping[str, str]) -> Any:
     from storage.config import StorageConfig
 
     return StorageConfig.from_env(env)
+
+
+def _with_http_settings(config: WorkerConfig, read: EnvReader) -> WorkerConfig:
+    port = read.integer("PORT", DEFAULT_HTTP_PORT, minimum=1, maximum=65535)
+    config = replace(
+        config, host=read.raw("HOST") or "0.0.0.0", port=port,
+        port_health=read.integer("PORT_HEALTH", port, minimum=1, maximum=65535),
+        voice_ref_url_template=_voice_template(read), api_key=read.raw("API_KEY"),
+    )  # fmt: skip
+    for name, value in (("PORT", config.port), ("PORT_HEALTH", config.port_health)):
+        if value == config.metrics_port:
+            read.fail(name, f"a port other than METRICS_PORT ({config.metrics_port})", str(value))
+    return config
 
 
 @dataclass(frozen=True)
@@ -161,6 +198,13 @@ class WorkerConfig:
     streaming: bool = False
     stream_first_chunk_s: float = 0.5
     stream_max_chunk_s: float = 8.0
+    server_mode: str = "queue"
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_HTTP_PORT
+    port_health: int = DEFAULT_HTTP_PORT
+    voice_ref_url_template: str | None = None
+    # A secret: never in repr, summary() or a log line.
+    api_key: str | None = field(default=None, repr=False)
     # StorageConfig may hold credentials: it never appears in this object's repr.
     storage: Any = field(default=None, repr=False, compare=False)
 
@@ -206,7 +250,10 @@ class WorkerConfig:
             streaming=read.choice("STREAMING", "off", ("on", "off")) == "on",
             stream_first_chunk_s=read.number("STREAM_FIRST_CHUNK_S", 0.5, minimum=0.05, maximum=10.0),
             stream_max_chunk_s=read.number("STREAM_MAX_CHUNK_S", 8.0, minimum=0.05, maximum=10.0),
+            server_mode=read.choice("SERVER_MODE", "queue", SERVER_MODES),
         )
+        if config.server_mode == "http":  # read only where they mean something: a queue worker ignores them
+            config = _with_http_settings(config, read)
         if config.stream_max_chunk_s < config.stream_first_chunk_s:
             read.fail("STREAM_MAX_CHUNK_S", f"at least STREAM_FIRST_CHUNK_S ({config.stream_first_chunk_s:g})",
                       str(config.stream_max_chunk_s))  # fmt: skip
@@ -223,7 +270,12 @@ class WorkerConfig:
             notes.append("XTTS_ENGINE=stock decodes whole rows: it runs with SCHEDULING=static")
         if self.streaming and self.scheduling == "static":
             notes.append("STREAMING=on with SCHEDULING=static: audio streams only as whole segments finish")
-        if self.max_concurrency < 2 * self.max_batch_size:
+        if self.server_mode == "http" and self.streaming:
+            notes.append("STREAMING=on has no effect with SERVER_MODE=http: each HTTP request chooses whether it "
+                         "streams (its response_format and stream_format)")
+        if self.server_mode == "http" and self.api_key is None:
+            notes.append("SERVER_MODE=http without API_KEY: anyone who reaches the port can use the API")
+        if self.server_mode == "queue" and self.max_concurrency < 2 * self.max_batch_size:
             notes.append(
                 f"MAX_CONCURRENCY={self.max_concurrency} is less than twice MAX_BATCH_SIZE={self.max_batch_size}: "
                 "the RunPod SDK pauses 1 s whenever every slot is busy, so the GPU will idle between batches"
@@ -258,5 +310,17 @@ class WorkerConfig:
             "streaming": self.streaming,
             "stream_first_chunk_s": self.stream_first_chunk_s,
             "stream_max_chunk_s": self.stream_max_chunk_s,
+            "server_mode": self.server_mode,
+            **(self._http_summary() if self.server_mode == "http" else {}),
+        }
+
+    def _http_summary(self) -> dict[str, Any]:
+        # Whether a key is required, never the key.
+        return {
+            "host": self.host,
+            "port": self.port,
+            "port_health": self.port_health,
+            "voice_ref_url_template": self.voice_ref_url_template,
+            "api_key_required": self.api_key is not None,
         }
 

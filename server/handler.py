@@ -25,6 +25,10 @@ Every failure becomes `{"error", "error_code"[, "retryable"]}` through `server.v
 place that does so; the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout) arrives here as a
 CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU time.
 
+SERVER_MODE=http (server.http_server) uses the same steps: POST /tts is `__call__`; POST /v1/audio/speech is
+`speech` (the audio as AudioChunks then the SpeechResult, or the SpeechResult alone; nothing stored), its
+requests checked by server.openai_api (a refused one still logged and counted, through `refused`).
+
 Logs, one line per step, each with the job id: the text's start, voice, language, parameters, cache hits,
 times, the stored object's name. Never a reference URL's query (signatures) nor a result's signed URL.
 """
@@ -37,7 +41,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -181,8 +185,9 @@ class TTSHandler:
                     items = self._run_stream(job_id, request, jlog, started, job)
                 else:
                     items = self._result_only(job_id, request, jlog, started, job)
-                async for item in items:
-                    yield item
+                async with aclosing(items):
+                    async for item in items:
+                        yield item
             except (asyncio.CancelledError, GeneratorExit):
                 jlog.info("[%s] job stopped after %.2f s", job_id, ctx.clock() - started)
                 self._record("cancelled", language, started)
@@ -204,11 +209,32 @@ class TTSHandler:
     async def _run_stream(
         self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
     ) -> AsyncIterator[dict]:
-        ctx, metrics = self.ctx, self.ctx.metrics
         self._log_request(job_id, request, jlog)
         first_audio_s = None
         items = 0
-        result = None
+        async with aclosing(self._chunks(job_id, request, jlog, started, job)) as parts:
+            async for part in parts:
+                if isinstance(part, _Synthesis):
+                    synthesis = part
+                    continue
+                for item in audio_items(part, items):
+                    if first_audio_s is None:
+                        first_audio_s = self._first_audio(job_id, jlog, started)
+                    items += 1
+                    yield item
+        async with self._deadline(started):
+            output = await self._store(job_id, request, jlog, started, synthesis.reference, synthesis.result,
+                                       synthesis.generation_s)  # fmt: skip
+        yield {"type": "result", **output, "time_to_first_audio": round(first_audio_s or 0.0, 3),
+               "audio_items": items}  # fmt: skip
+
+    async def _chunks(
+        self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
+    ) -> AsyncIterator[AudioChunk | _Synthesis]:
+        """The reference (found or fetched, pinned while the audio is made), then the scheduler's stream: the
+        AudioChunks as they come, then one _Synthesis. Closing this generator early closes the scheduler's stream,
+        which drops the request: its rows leave the batch at the next step."""
+        ctx = self.ctx
         t0 = ctx.clock()
         async with AsyncExitStack() as stack:
             async with self._deadline(started):
@@ -218,27 +244,75 @@ class TTSHandler:
             jlog.info("[%s] generating audio with XTTS v2 (streaming)...", job_id)
             t0 = ctx.clock()
             speech = dataclasses.replace(self._speech_request(job_id, request, reference, started, job), stream=True)
+            result = None
             try:
-                async for chunk in ctx.scheduler.stream(speech):
-                    if not isinstance(chunk, AudioChunk):
-                        result = chunk
-                        continue
-                    for item in audio_items(chunk, items):
-                        if first_audio_s is None:
-                            first_audio_s = ctx.clock() - started
-                            if metrics:
-                                metrics.time_to_first_audio.observe(first_audio_s)
-                            jlog.info("[%s] first audio after %.2f s", job_id, first_audio_s)
-                        items += 1
-                        yield item
+                async with aclosing(ctx.scheduler.stream(speech)) as chunks:
+                    async for chunk in chunks:
+                        if isinstance(chunk, AudioChunk):
+                            yield chunk
+                        else:
+                            result = chunk
             except InvalidAudioError:
                 ctx.references.discard(request.voice_id, request.ref_audio_url)
                 raise
             generation_s = ctx.clock() - t0
-        async with self._deadline(started):
-            output = await self._store(job_id, request, jlog, started, reference, result, generation_s)
-        yield {"type": "result", **output, "time_to_first_audio": round(first_audio_s or 0.0, 3),
-               "audio_items": items}  # fmt: skip
+        yield _Synthesis(reference, result, generation_s)
+
+    def _first_audio(self, job_id: str, jlog: logging.LoggerAdapter, started: float) -> float:
+        """A streamed job's first audio leaves now: its time, observed and logged."""
+        first_audio_s = self.ctx.clock() - started
+        if self.ctx.metrics:
+            self.ctx.metrics.time_to_first_audio.observe(first_audio_s)
+        jlog.info("[%s] first audio after %.2f s", job_id, first_audio_s)
+        return first_audio_s
+
+    # ------------------------------------------------------------------ SERVER_MODE=http (server.http_server)
+
+    async def speech(
+        self, job_id: str, request: TTSRequest, *, stream: bool
+    ) -> AsyncIterator[AudioChunk | SpeechResult]:
+        """POST /v1/audio/speech: the audio of a request the HTTP layer has checked, nothing stored. With `stream`,
+        its AudioChunks as they are made, then its SpeechResult (their samples joined); without, only the
+        SpeechResult (Scheduler.submit: no streaming overhead). Logs, metrics and JOB_TIMEOUT_S as for a queue
+        job. A failure is logged and counted here, then raised for the caller to answer; closing the generator
+        early (the client went away) drops the request and counts it cancelled."""
+        job_id, jlog, started = self._begin({"id": job_id})
+        try:
+            self._log_request(job_id, request, jlog)
+            if stream:
+                first_audio_s = None
+                async with aclosing(self._chunks(job_id, request, jlog, started, {})) as parts:
+                    async for part in parts:
+                        if isinstance(part, _Synthesis):
+                            self._observe(job_id, jlog, part.result, part.generation_s)
+                            yield part.result
+                        else:
+                            if first_audio_s is None:
+                                first_audio_s = self._first_audio(job_id, jlog, started)
+                            yield part
+            else:
+                async with self._deadline(started):
+                    _, result, generation_s = await self._synthesize(job_id, request, jlog, started, {})
+                self._observe(job_id, jlog, result, generation_s)
+                yield result
+        except (asyncio.CancelledError, GeneratorExit):
+            jlog.info("[%s] request stopped after %.2f s (the client went away)", job_id, self.ctx.clock() - started)
+            self._record("cancelled", request.language, started)
+            raise
+        except Exception as exc:
+            self._fail(job_id, jlog, exc, request.language, started)
+            raise
+        else:
+            jlog.info("[%s] ✓ success: total %.2f s", job_id, self.ctx.clock() - started)
+            self._record("completed", request.language, started)
+        finally:
+            if self.ctx.metrics:
+                self.ctx.metrics.jobs_in_flight.dec()
+
+    def refused(self, job_id: str, exc: Exception) -> dict:
+        """A request refused before it became a job (HTTP mode checks OpenAI's body itself): logged and counted
+        as an invalid job, as `__call__` does for a bad input. Returns its error output."""
+        return self._fail(job_id, logging.LoggerAdapter(log, {"job_id": job_id}), exc, "unknown", self.ctx.clock())
 
     def _deadline(self, started: float) -> AbstractAsyncContextManager:
         """JOB_TIMEOUT_S around one await of a streamed job (never around a yield): JobTimeoutError past it."""
@@ -272,16 +346,7 @@ class TTSHandler:
         """Metrics and logs of a finished synthesis, then encode, upload, and the job's output."""
         ctx, metrics = self.ctx, self.ctx.metrics
         params = request.parameters()
-        if metrics:
-            metrics.observe_stage("queue_wait", result.queue_wait_s)
-            metrics.observe_stage("generation", result.engine_s)
-            metrics.record_audio(result.duration_s, result.engine_s)
-        jlog.info(
-            "[%s] audio generated in %.2f s: %.2f s of audio (queue %.2f s, conditioning %.2f s, latents %s, "
-            "batch sizes %s)",
-            job_id, generation_s, result.duration_s, result.queue_wait_s, result.conditioning_s,
-            "cached" if result.latent_cache_hit else "computed", list(result.batch_sizes),
-        )  # fmt: skip
+        self._observe(job_id, jlog, result, generation_s)
 
         t0 = ctx.clock()
         data, _content_type = await encode_async(result.wav, result.sample_rate, request.output_format)
@@ -315,6 +380,19 @@ class TTSHandler:
             "segments": result.segments,
             "total_time": round(total_s, 2),
         }
+
+    def _observe(self, job_id: str, jlog: logging.LoggerAdapter, result: SpeechResult, generation_s: float) -> None:
+        """Metrics and log line of a finished synthesis."""
+        if self.ctx.metrics:
+            self.ctx.metrics.observe_stage("queue_wait", result.queue_wait_s)
+            self.ctx.metrics.observe_stage("generation", result.engine_s)
+            self.ctx.metrics.record_audio(result.duration_s, result.engine_s)
+        jlog.info(
+            "[%s] audio generated in %.2f s: %.2f s of audio (queue %.2f s, conditioning %.2f s, latents %s, "
+            "batch sizes %s)",
+            job_id, generation_s, result.duration_s, result.queue_wait_s, result.conditioning_s,
+            "cached" if result.latent_cache_hit else "computed", list(result.batch_sizes),
+        )  # fmt: skip
 
     async def _synthesize(
         self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
@@ -400,6 +478,15 @@ class TTSHandler:
     def _record(self, status: str, language: str, started: float) -> None:
         if self.ctx.metrics:
             self.ctx.metrics.record_job(status, language, self.ctx.clock() - started)
+
+
+@dataclass(frozen=True)
+class _Synthesis:
+    """The end of a streamed synthesis: its reference (hit or not), its result, and how long it took."""
+
+    reference: CachedReference
+    result: SpeechResult
+    generation_s: float
 
 
 class _JobDeadline:

@@ -102,6 +102,13 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
+        self.http_refusals = Counter(
+            "xtts_http_refusals_total",
+            "SERVER_MODE=http: requests refused before they became jobs, by code (invalid_api_key, worker_starting, "
+            "worker_shutting_down, over_capacity, request_too_large, invalid_json, not_found, ...).",
+            ["code"],
+            registry=registry,
+        )
         self.preempted_rows = Counter(
             "xtts_preempted_rows_total",
             "Running later segments of streamed jobs sent back to the queue so that another stream's first segment "

@@ -87,7 +87,7 @@ class TTSRequest:
         return {"temperature": self.temperature, "speed": self.speed, "top_k": self.top_k, "top_p": self.top_p}
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A short name for what the client sent, for messages (never the whole value: it may be huge)."""
     if value is None:
         return "null"
@@ -113,7 +113,7 @@ def _number(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(f"{name} must be a number, got {_describe(value)}", error_code="invalid_type", field=name)
+        raise ValidationError(f"{name} must be a number, got {describe_value(value)}", error_code="invalid_type", field=name)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError(f"{name} must be a finite number, got {value!r}", error_code="out_of_range", field=name)
     try:
@@ -124,7 +124,7 @@ def _number(
     if too_low or number > high:
         rule = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
         raise ValidationError(
-            f"{name} must be {rule}, got {_short(value)}", error_code="out_of_range", field=name
+            f"{name} must be {rule}, got {short_value(value)}", error_code="out_of_range", field=name
         )
     return number
 
@@ -140,18 +140,19 @@ def _integer(
     if isinstance(value, float) and allow_float and math.isfinite(value) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
-        got = _short(value) if isinstance(value, float) else _describe(value)
+        got = short_value(value) if isinstance(value, float) else describe_value(value)
         raise ValidationError(f"{name} must be an integer, got {got}", error_code="invalid_type", field=name)
     if value < low or value > high:
         raise ValidationError(
-            f"{name} must be an integer from {low} to {high}, got {_short(value)}",
+            f"{name} must be an integer from {low} to {high}, got {short_value(value)}",
             error_code="out_of_range",
             field=name,
         )
     return value
 
 
-def _short(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """The client's value as a message shows it: its repr, cut to 40 characters."""
     try:
         text = repr(value)
     except ValueError:  # an integer with more digits than Python will print
@@ -164,7 +165,7 @@ def _required_string(data: Mapping[str, Any], name: str) -> str:
         raise ValidationError(f"{name} is required", error_code="missing_field", field=name)
     value = data[name]
     if not isinstance(value, str):
-        raise ValidationError(f"{name} must be a string, got {_describe(value)}", error_code="invalid_type", field=name)
+        raise ValidationError(f"{name} must be a string, got {describe_value(value)}", error_code="invalid_type", field=name)
     value = value.strip()
     if not value:
         raise ValidationError(f"{name} must not be empty", error_code="invalid_input", field=name)
@@ -177,7 +178,7 @@ def _voice_id(data: Mapping[str, Any]) -> str:
         raise ValidationError("voice_id is required", error_code="missing_field", field="voice_id")
     if not isinstance(value, str):
         raise ValidationError(
-            f"voice_id must be a string, got {_describe(value)}", error_code="invalid_type", field="voice_id"
+            f"voice_id must be a string, got {describe_value(value)}", error_code="invalid_type", field="voice_id"
         )
     try:
         return validate_voice_id(value)  # storage's rule and message: the one definition of a voice_id
@@ -191,13 +192,13 @@ def _language(data: Mapping[str, Any], default: str) -> str:
         return default
     if not isinstance(value, str):
         raise ValidationError(
-            f"language must be a string, got {_describe(value)}", error_code="invalid_type", field="language"
+            f"language must be a string, got {describe_value(value)}", error_code="invalid_type", field="language"
         )
     try:
         return normalize_language(value)
     except Exception:  # batching's UnsupportedLanguageError, restated with the field name
         raise ValidationError(
-            f"language {_short(value)} is not supported; supported languages: {', '.join(SUPPORTED_LANGUAGES)}",
+            f"language {short_value(value)} is not supported; supported languages: {', '.join(SUPPORTED_LANGUAGES)}",
             error_code="unsupported_language",
             field="language",
         ) from None
@@ -209,12 +210,12 @@ def _output_format(data: Mapping[str, Any], default: str) -> str:
         return default
     if not isinstance(value, str):
         raise ValidationError(
-            f"output_format must be a string, got {_describe(value)}", error_code="invalid_type", field="output_format"
+            f"output_format must be a string, got {describe_value(value)}", error_code="invalid_type", field="output_format"
         )
     canonical = value.strip().lower()
     if canonical not in SUPPORTED_OUTPUT_FORMATS:
         raise ValidationError(
-            f"output_format must be one of {', '.join(SUPPORTED_OUTPUT_FORMATS)}, got {_short(value)}",
+            f"output_format must be one of {', '.join(SUPPORTED_OUTPUT_FORMATS)}, got {short_value(value)}",
             error_code="invalid_input",
             field="output_format",
         )
@@ -234,11 +235,11 @@ def validate_request(
                               error_code="missing_field", field="input")  # fmt: skip
     if not isinstance(job_input, Mapping):
         raise ValidationError(
-            f"input must be a JSON object, got {_describe(job_input)}", error_code="invalid_type", field="input"
+            f"input must be a JSON object, got {describe_value(job_input)}", error_code="invalid_type", field="input"
         )
     unknown = sorted(str(key) for key in job_input if key not in KNOWN_FIELDS)
     if unknown:
-        shown = ", ".join(_short(key) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        shown = ", ".join(short_value(key) for key in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise ValidationError(
             f"unknown field(s) in input: {shown}; accepted fields: {', '.join(sorted(KNOWN_FIELDS))}",
             error_code="unknown_field",
@@ -273,7 +274,7 @@ def _boolean(data: Mapping[str, Any], name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ValidationError(f"{name} must be true or false, got {_describe(value)}", error_code="invalid_type",
+        raise ValidationError(f"{name} must be true or false, got {describe_value(value)}", error_code="invalid_type",
                               field=name)  # fmt: skip
     return value
 

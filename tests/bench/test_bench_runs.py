@@ -119,6 +119,32 @@ def test_local_target_baseline_beside_batched(tmp_path):
     assert (out / "local.png").stat().st_size > 10_000
 
 
+def test_http_target_runs_the_http_mode_beside_the_queue_mode(tmp_path):
+    """`python -m bench http`: a worker in SERVER_MODE=http (OpenAI speech requests, PCM streamed in the body)
+    beside a queue worker with STREAMING=on, on the same jobs: both complete them with the same audio, and both
+    report a time to first audio below their latency."""
+    out = tmp_path / "results"
+    done = _bench("http", "--concurrencies", "2", "--jobs", "2", "--voices", "2", "--warmup-jobs", "1",
+                  "--texts", "paragraphs", "--max-chars", "160", "--out-dir", str(out), "--name", "http")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((out / "http.json").read_text())
+    assert [r["run"] for r in report["runs"]] == ["streaming", "http"] and report["errors_total"] == 0
+    streaming, http = report["runs"]
+    assert http["settings"]["SERVER_MODE"] == "http" and streaming["settings"]["STREAMING"] == "on"
+    for run in (streaming, http):
+        (point,) = run["points"]
+        assert (point["completed"], point["errors"]) == (2, 0)
+        assert 0 < point["first_audio_s"]["p50"] < point["latency_s"]["p50"]
+        assert run["worker"]["exit_status"] == 0
+    # The HTTP side's audio is counted from the PCM bytes, the queue side's from the result: the same audio.
+    (ratio,) = [r for r in report["ratios"] if (r["numerator"], r["denominator"]) == ("http", "streaming")]
+    assert ratio["points"][0]["same_audio"] and ratio["points"][0]["audio_s_per_s"] > 0
+    # The HTTP worker batched the two requests' rows like the queue worker did (its own metrics).
+    assert http["points"][0]["worker_metrics"]["jobs"] == {"completed": 2}
+    text = (out / "http.md").read_text()
+    assert "| http | closed@c2 | 2 | 2 | 0 |" in text and "first byte of the response body" in text
+
+
 def test_ctrl_c_stops_everything_it_started(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--configs", "batched", "--concurrencies", "1",
                              "--jobs", "50", "--out-dir", str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE,

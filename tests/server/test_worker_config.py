@@ -68,7 +68,7 @@ def test_every_variable_is_read_and_normalized():
         "engine": "stock", "max_text_chars": 100, "job_timeout_s": 30.0, "metrics_port": 0, "log_level": "WARNING",
         "default_language": "zh-cn", "default_output_format": "mp3", "max_batch_tokens": 20000,
         "scheduling": "static", "ref_min_level_dbfs": -60.0, "vocoder_span_s": 4.0, "streaming": True,
-        "stream_first_chunk_s": 0.25, "stream_max_chunk_s": 6.0,
+        "stream_first_chunk_s": 0.25, "stream_max_chunk_s": 6.0, "server_mode": "queue",
     }  # fmt: skip
     assert config.storage.env == env  # storage gets the same environment to read its own variables
 
