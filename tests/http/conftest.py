@@ -27,7 +27,8 @@ from testing.gcs_emulator import GcsEmulator
 from testing.loopback import ServerProcess, free_port
 from testing.voices import demo_checkpoint, synthetic_voice_wav
 from tests.conftest import ROOT
-from tests.e2e.conftest import MetricsSnapshot, tail, worker_env
+# _OPEN_LOGS and its hook: the tails of the worker logs open when a test fails go into its report, as in tests/e2e.
+from tests.e2e.conftest import _OPEN_LOGS, MetricsSnapshot, pytest_runtest_makereport, tail, worker_env  # noqa: F401
 from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture)
 
 BUCKET = "seu-bucket"
@@ -35,17 +36,6 @@ TEMPLATE = f"gs://{BUCKET}/referencias/{{voice}}.wav"
 VOICES = {"voz_joao": 120.0, "voz_ana": 175.0}  # voice id -> the synthetic voice's pitch
 API_KEY = "sk-http-test-4f1c2b"
 START_TIMEOUT_S = 300.0
-
-_OPEN_LOGS: dict[str, Path] = {}
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for name, path in list(_OPEN_LOGS.items()):
-            report.sections.append((f"worker log ({name}): {path}", tail(path)))
 
 
 @dataclass
