@@ -174,9 +174,7 @@ class HttpApi:
         return response
 
     async def _send_whole(self, request_id, call: SpeechCall, result, parts) -> web.Response:
-        data = await encode_whole_async(result.wav, result.sample_rate, call.response_format)
-        async for _ in parts:  # lets the handler count the job completed
-            pass
+        data = await _whole_body(call, result, parts)
         headers = {**_audio_headers(request_id, call, result.sample_rate),
                    "X-Audio-Duration": f"{len(result.wav) / result.sample_rate:.6f}"}  # fmt: skip
         return web.Response(body=data, headers=headers)
@@ -193,9 +191,7 @@ class HttpApi:
                 result = body.result
             else:
                 result = first
-                data = await encode_whole_async(result.wav, result.sample_rate, call.response_format)
-                async for _ in parts:
-                    pass
+                data = await _whole_body(call, result, parts)
                 for lo in range(0, len(data), SSE_PIECE_BYTES):
                     await response.write(_delta(data[lo: lo + SSE_PIECE_BYTES]))
             await response.write(_event({"type": "speech.audio.done", "usage": _usage(call, result.duration_s)}))
@@ -326,6 +322,15 @@ class _AudioBody:
                 item = await anext(self._parts)
             except StopAsyncIteration:
                 return
+
+
+async def _whole_body(call: SpeechCall, result: SpeechResult, parts: AsyncIterator) -> bytes:
+    """A whole format's body (encoded in a thread); then the handler's generator runs to its end, which counts
+    the job completed."""
+    data = await encode_whole_async(result.wav, result.sample_rate, call.response_format)
+    async for _ in parts:
+        pass
+    return data
 
 
 def _delta(data: bytes) -> bytes:

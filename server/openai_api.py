@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.config import VOICE_PLACEHOLDER
 from server.speech_formats import RESPONSE_FORMATS
 from server.validation import (
     TTSRequest, ValidationError, describe_value, error_output, short_value, validate_request,
@@ -60,7 +61,6 @@ EXTRA_FIELDS = ("language", "temperature", "top_k", "top_p", "repetition_penalty
 STREAM_FORMATS = ("audio", "sse")
 DEFAULT_RESPONSE_FORMAT = "mp3"  # OpenAI's
 OPENAI_SPEED_RANGE = "0.25 to 4.0"
-VOICE_PLACEHOLDER = "{voice}"
 # The seed's names, and the names a caller of this API knows them by.
 _OPENAI_NAMES = {"gen_text": "input", "voice_id": "voice"}
 
