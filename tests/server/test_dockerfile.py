@@ -385,3 +385,20 @@ def test_runs_as_a_non_root_user_that_owns_the_code_folder():
 @pytest.mark.parametrize("package", ["torch", "coqui-tts", "transformers", "runpod"])
 def test_key_packages_are_pinned_in_the_lock_the_image_installs(package):
     assert package in lock_pins()
+
+
+@pytest.mark.parametrize("script", ["image-rehearsal.sh", "lock.sh"])
+def test_the_image_scripts_are_clean_under_shellcheck(script):
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).with_name("shellcheck"))
+    result = subprocess.run([shellcheck, "--severity=style", str(REPO / "scripts" / script)], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rehearsal_starts_its_engine_without_bridge_firewall_or_forwarding():
+    text = (REPO / "scripts" / "image-rehearsal.sh").read_text()
+    (start,) = [line for line in text.replace("\\\n", " ").splitlines() if line.lstrip().startswith("dockerd ")]
+    for flag in ("--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false", '--host "unix://$sock"'):
+        assert flag in start, f"the rehearsal's dockerd must be started with {flag}"
+    assert text.count("--network host") >= 3, "the build and both runs use the host's (loopback) network"
+    assert 'diff -u "$work/net-before.txt" "$work/net-after.txt"' in text
