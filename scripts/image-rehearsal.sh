@@ -255,19 +255,26 @@ mkdir -p "$work/storage/seu-bucket/referencias"
 "$py" -c "import sys, soundfile as sf; from testing.voices import synthetic_voice; sf.write(sys.argv[1], synthetic_voice(6.0), 22050)" \
   "$work/storage/seu-bucket/referencias/voz_joao.wav"
 chown -R 1000:1000 "$work/storage"
-common_env=(-e STORAGE_BACKEND=local -e LOCAL_STORAGE_DIR=/data -e GCS_BUCKET_NAME=seu-bucket
-  -e "VOICE_REF_URL_TEMPLATE=gs://seu-bucket/referencias/{voice}.wav")
+# One container of the image, detached, on the host's network, with the local storage mounted; NAME, then
+# `docker run` options and the image's arguments. The clean-up removes it whatever happens.
+start_container() {
+  local name="$1"
+  shift
+  containers+=("$name")
+  dk run -d --name "$name" --network host -v "$work/storage:/data" -e STORAGE_BACKEND=local \
+    -e LOCAL_STORAGE_DIR=/data -e GCS_BUCKET_NAME=seu-bucket \
+    -e "VOICE_REF_URL_TEMPLATE=gs://seu-bucket/referencias/{voice}.wav" -e "METRICS_PORT=$(free_port)" "$@" >/dev/null
+}
+# The seed's output keys (SEED-README): both modes must answer test_input.json with them.
+export SEED_KEYS="audio_url duration voice_id language generation_time parameters"
 
 # Queue mode: RunPod's local test API (the SDK's --rp_serve_api) on a loopback port.
 api_port="$(free_port)"
-metrics_port="$(free_port)"
 log "queue mode: docker run, then POST /runsync with test_input.json on 127.0.0.1:$api_port"
 started="$(now)"
-containers+=(xtts-rehearsal-queue)
-dk run -d --name xtts-rehearsal-queue --network host -v "$work/storage:/data" "${common_env[@]}" \
-  -e "METRICS_PORT=$metrics_port" "$image" --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$api_port" >/dev/null
+start_container xtts-rehearsal-queue "$image" --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$api_port"
 "$py" - "$api_port" "$started" "$work/storage" >"$work/queue.json" <<'PY' || { dk logs xtts-rehearsal-queue 2>&1 | tail -40 >&2; die "queue mode failed"; }
-import json, sys, time, urllib.error, urllib.request
+import json, os, sys, time, urllib.error, urllib.request
 from pathlib import Path
 
 import soundfile as sf
@@ -288,7 +295,7 @@ while True:  # the local API listens once the model is loaded and warm
         time.sleep(0.1)
 first_job_s = time.time() - started
 output = answer.get("output") or {}
-seed_keys = ["audio_url", "duration", "voice_id", "language", "generation_time", "parameters"]
+seed_keys = os.environ["SEED_KEYS"].split()
 missing = [key for key in seed_keys if key not in output]
 if answer.get("status") != "COMPLETED" or missing:
     raise SystemExit(f"/runsync answered {json.dumps(answer)[:400]}: missing {missing}")
@@ -310,14 +317,11 @@ dk rm -f xtts-rehearsal-queue >/dev/null
 
 # HTTP mode: /ping 204 while loading, 200 once ready; one speech request; /tts with test_input.json.
 http_port="$(free_port)"
-metrics_port="$(free_port)"
 log "http mode: docker run SERVER_MODE=http on 127.0.0.1:$http_port"
 started="$(now)"
-containers+=(xtts-rehearsal-http)
-dk run -d --name xtts-rehearsal-http --network host -v "$work/storage:/data" "${common_env[@]}" \
-  -e SERVER_MODE=http -e HOST=127.0.0.1 -e "PORT=$http_port" -e "METRICS_PORT=$metrics_port" "$image" >/dev/null
+start_container xtts-rehearsal-http -e SERVER_MODE=http -e HOST=127.0.0.1 -e "PORT=$http_port" "$image"
 "$py" - "$http_port" "$started" >"$work/http.json" <<'PY' || { dk logs xtts-rehearsal-http 2>&1 | tail -40 >&2; die "http mode failed"; }
-import io, json, sys, time, urllib.error, urllib.request
+import io, json, os, sys, time, urllib.error, urllib.request
 from pathlib import Path
 
 import soundfile as sf
@@ -361,7 +365,7 @@ if status != 200 or len(samples) == 0:
 job = json.loads(Path("test_input.json").read_text())["input"]
 status, _, body = post("/tts", job)
 output = json.loads(body)
-seed_keys = ["audio_url", "duration", "voice_id", "language", "generation_time", "parameters"]
+seed_keys = os.environ["SEED_KEYS"].split()
 missing = [key for key in seed_keys if key not in output]
 if status != 200 or missing:
     raise SystemExit(f"/tts answered {status} {body[:400]!r}: missing {missing}")
