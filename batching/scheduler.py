@@ -21,6 +21,11 @@ SCHEDULING=continuous (the default; an engine with the step-level calls):
     the joins' fades, into AudioChunks. With `vocoder_span_s` (VOCODER_SPAN_S), finished rows of every request
     are vocoded in spans of at most that much audio, one per step, instead of whole.
 
+Backpressure: a streamed request whose caller has left more than StreamSettings.buffer_s of audio unread (a
+stalled reader) is paused: its segments not yet started wait, out of the policy's sight, until the caller reads
+below that bound again (its running segment finishes). So a stream holds at most buffer_s plus one segment of
+unread audio, and a stalled reader costs no GPU time.
+
 SCHEDULING=static (and engines without the step-level calls): policy.next_batch forms a batch that runs to
 completion (engine.generate), then the next.
 
@@ -116,10 +121,14 @@ class StreamSettings:
 
     first_s: float = 0.5
     max_s: float = 8.0
+    # Most audio a stream's caller may leave unread before the stream's next segments wait (STREAM_BUFFER_S).
+    buffer_s: float = 60.0
 
     def __post_init__(self):
         if not 0 < self.first_s <= self.max_s:
             raise ValueError(f"stream chunks must be 0 < first <= max seconds, got {self.first_s}, {self.max_s}")
+        if not self.buffer_s > 0:
+            raise ValueError(f"a stream's unread-audio bound must be > 0 seconds, got {self.buffer_s}")
 
 
 class _Request:
@@ -138,6 +147,8 @@ class _Request:
         # Streamed requests (Scheduler.stream): chunks out through `chunks`, then the result or the error.
         self.joiner: StreamJoiner | None = None
         self.chunks: asyncio.Queue | None = None
+        self.unread_s = 0.0  # audio in `chunks` that the caller has not taken yet
+        self.buffer_s = math.inf  # streamed: past this much unread audio, its segments not yet started wait
         self.vocoders: dict[int, object] = {}  # segment index -> its RowVocoder (engine thread objects)
         self.spans: dict[int, list[np.ndarray]] = {}  # segment index -> its spans so far (vocoder_span_s)
         self.span_frames = 0  # the next span's length for the current segment
@@ -150,6 +161,11 @@ class _Request:
     @property
     def finished(self) -> bool:
         return self.future.done()
+
+    @property
+    def paused(self) -> bool:
+        """A stalled reader's stream: its segments not yet started stay out of the batch."""
+        return self.unread_s > self.buffer_s
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -297,6 +313,11 @@ class Scheduler:
                 item = await request.chunks.get()
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, AudioChunk):
+                    was_paused = request.paused
+                    request.unread_s -= len(item.samples) / item.sample_rate
+                    if was_paused and not request.paused:
+                        self._wake.set()  # its waiting segments may run again
                 yield item
                 if isinstance(item, SpeechResult):
                     return
@@ -318,6 +339,7 @@ class Scheduler:
         if stream:
             request.joiner = StreamJoiner(len(segments), self.engine.sample_rate)
             request.chunks = asyncio.Queue()
+            request.buffer_s = self.stream_settings.buffer_s
             request.span_frames = self._first_frames
         self.observer.conditioning_done(request.conditioning_s, hit)
         if self._closed:
@@ -342,6 +364,10 @@ class Scheduler:
         wav, sr = await req.load_reference()
         return await self.run_on_engine(self.engine.condition, wav, sr)
 
+    def _admissible(self) -> list[policy.Waiting]:
+        """The waiting segments the policy may pick: all but those of paused streams (a stalled reader's)."""
+        return [waiting for row, waiting in self._waiting.items() if not row.request.paused]
+
     def _drop(self, request: _Request) -> None:
         for row in [r for r in self._waiting if r.request is request]:
             del self._waiting[row]
@@ -353,7 +379,7 @@ class Scheduler:
         while True:
             self._expire()
             decision = policy.next_batch(
-                list(self._waiting.values()), self.clock(),
+                self._admissible(), self.clock(),
                 max_batch_size=self.max_batch_size, batch_wait_s=self.batch_wait_s,
             )  # fmt: skip
             if isinstance(decision, policy.Idle):
@@ -444,6 +470,7 @@ class Scheduler:
     def _give(self, request: _Request, index: int, samples: np.ndarray, ended: bool) -> None:
         chunk = request.joiner.add(index, samples, ended)
         if chunk is not None:
+            request.unread_s += len(chunk.samples) / chunk.sample_rate
             request.chunks.put_nowait(chunk)
 
     def _segment_done(self, row: _Row, result: SegmentAudio, engine_s: float, batch_size: int) -> None:
@@ -516,7 +543,7 @@ class Scheduler:
                 self._row_cap, self._kv_cap = self.max_batch_size, self.max_batch_tokens
             gone += self._preempt()  # evicted from the engine like rows that left; they wait again
             decision = policy.next_admission(
-                list(self._waiting.values()), self.clock(),
+                self._admissible(), self.clock(),
                 running_rows=len(self._running), running_span=max(self._running.values(), default=0),
                 max_rows=self._row_cap, max_positions=self._kv_cap, batch_wait_s=self.batch_wait_s,
             )  # fmt: skip

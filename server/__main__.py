@@ -34,12 +34,11 @@ _background: set[asyncio.Task] = set()  # tasks that must not be garbage-collect
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-        force=True,
-    )
+    from server.logtext import EscapingFormatter
+
+    logging.basicConfig(level=level, stream=sys.stdout, force=True)
+    # Caller text in a message (gen_text, a URL) is shown escaped: no terminal escapes, no forged lines.
+    logging.getLogger().handlers[0].setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # The SDK logs every job's input and output at DEBUG (signed URLs included): keep it at INFO or above.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO" if level == "DEBUG" else level)
 
@@ -103,7 +102,8 @@ def make_context_builder(config, engine, metrics):
             max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
             observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
             scheduling=config.scheduling, max_batch_tokens=config.max_batch_tokens,
-            stream_settings=StreamSettings(config.stream_first_chunk_s, config.stream_max_chunk_s),
+            stream_settings=StreamSettings(config.stream_first_chunk_s, config.stream_max_chunk_s,
+                                           config.stream_buffer_s),
             vocoder_span_s=config.vocoder_span_s or None,
         )  # fmt: skip
         await scheduler.start()
@@ -171,6 +171,22 @@ def _serve_http(config, metrics) -> int:
     return 0
 
 
+def _raise_open_files_limit() -> None:
+    """RLIMIT_NOFILE's soft limit up to its hard one: every HTTP connection is a file descriptor (the default soft
+    limit of 1,024 is less than HTTP_MAX_CONNECTIONS leaves room for; server.http_server fits the cap to it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+            return
+        log.info("open-files limit raised from %d to %d", soft, target)
+
+
 def _exit_on_fatal(error: BaseException) -> None:
     log.critical("fatal engine error: %s; answering the jobs in hand, then exiting (code %d) in %.0f s so that "
                  "RunPod replaces this worker", error, EXIT_FATAL_ENGINE, FATAL_EXIT_GRACE_S)  # fmt: skip
@@ -208,10 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     if config.metrics_port:
-        start_metrics_server(config.metrics_port, registry)
-        log.info("Prometheus metrics on port %d", config.metrics_port)
+        try:
+            start_metrics_server(config.metrics_port, registry, config.metrics_host)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port,
+                      exc.strerror or exc)  # fmt: skip
+            return EXIT_CONFIG
 
     if config.server_mode == "http":
+        _raise_open_files_limit()
         if ignored := (sys.argv[1:] if argv is None else argv):
             log.warning("arguments ignored with SERVER_MODE=http (they are RunPod SDK flags): %s", " ".join(ignored))
         return _serve_http(config, metrics)
@@ -237,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         "handler": make_handler(make_context_builder(config, engine, metrics), streaming=config.streaming),
         "concurrency_modifier": make_concurrency_modifier(config.max_concurrency),
     }
-    if config.streaming:  # /run + /stream, and /runsync answers with every item, then the result
-        settings["return_aggregate_stream"] = True
+    if config.streaming:
+        # STREAM_AGGREGATE=on: /run + /stream, and /runsync and /status answer with every item, then the result;
+        # off: the items reach /stream only, and the SDK posts the job done with an empty output list.
+        settings["return_aggregate_stream"] = config.stream_aggregate
     runpod.serverless.start(settings)
     return 0
 

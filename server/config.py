@@ -33,6 +33,8 @@ Variables read here (defaults in brackets):
     MAX_TEXT_CHARS        longest gen_text accepted                                 [5000]
     JOB_TIMEOUT_S         a job still unfinished after this fails                   [600]
     METRICS_PORT          Prometheus endpoint port; 0 turns it off                  [9090]
+    METRICS_HOST          the address the Prometheus endpoint listens on (0.0.0.0: reachable from outside
+                          the pod, where a scraper runs; 127.0.0.1: a sidecar's only)     [0.0.0.0]
     LOG_LEVEL             DEBUG | INFO | WARNING | ERROR | CRITICAL                 [INFO]
     DEFAULT_LANGUAGE      language when a job names none                            [pt]
     DEFAULT_OUTPUT_FORMAT wav | flac | ogg | mp3 when a job names none              [wav]
@@ -44,9 +46,15 @@ Variables read here (defaults in brackets):
                           (RunPod's /stream) before its result; a job with "stream": false does not stream [off]
     STREAM_FIRST_CHUNK_S  audio in a streamed job's first chunk (seconds, 0.05..10)             [0.5]
     STREAM_MAX_CHUNK_S    longest later chunk: each chunk doubles up to this (seconds, 0.05..10) [8]
+    STREAM_BUFFER_S       most audio a stream's reader may leave unread before the stream's next segments
+                          wait for it (seconds, 1..3600; a stalled reader costs no GPU time)   [60]
+    STREAM_AGGREGATE      on | off (STREAMING=on, queue mode): on, the SDK sends every streamed item again in the
+                          job-done POST, so /runsync and /status carry the whole stream (about 64 KB per second
+                          of audio; RunPod caps /run at 10 MB and /runsync at 20 MB); off, the stream's items
+                          reach /stream only and the job's output is empty                     [on]
     SERVER_MODE           queue | http: queue is RunPod's job queue (runpod.serverless.start); http serves
                           an OpenAI-compatible HTTP API (server.http_server) for a load-balancing endpoint [queue]
-    (the next five are read only with SERVER_MODE=http)
+    (the next ones are read only with SERVER_MODE=http)
     HOST                  http: the address the HTTP server listens on                        [0.0.0.0]
     PORT                  http: the port of the API (POST /v1/audio/speech, POST /tts, GET /ping) [8000]
     PORT_HEALTH           http: the port of GET /ping; another port gets a listener of its own    [PORT]
@@ -54,6 +62,16 @@ Variables read here (defaults in brackets):
                           (a secret: never logged, never in summary())                       [unset: open]
     VOICE_REF_URL_TEMPLATE  http: a voice id's reference audio, `{voice}` standing for the id, e.g.
                           gs://my-bucket/voices/{voice}.wav; unset: each request must send ref_audio_url [unset]
+    HTTP_REF_AUDIO_URL    http: on | off: off refuses a request's own ref_audio_url (400 ref_audio_forbidden), so
+                          callers use only VOICE_REF_URL_TEMPLATE's voices                 [on]
+    HTTP_WRITE_TIMEOUT_S  http: a client that takes no byte of its response for this long is dropped (its
+                          request's rows leave the batch, its MAX_CONCURRENCY slot is freed) (1..600) [30]
+    HTTP_READ_TIMEOUT_S   http: the longest a request body may take to arrive (408 request_timeout) (1..600) [30]
+    HTTP_KEEPALIVE_S      http: an idle connection, or one whose request headers have not all arrived, is
+                          closed after this long (1..3600)                                  [15]
+    HTTP_MAX_CONNECTIONS  http: open connections on PORT past which a new one is answered 503
+                          too_many_connections and closed; PORT_HEALTH's own listener takes 64 more (16..1000000;
+                          at start it is lowered to fit the file-descriptor limit)          [1024]
 """
 
 from __future__ import annotations
@@ -75,6 +93,10 @@ SCHEDULINGS: tuple[str, ...] = ("continuous", "static")
 SERVER_MODES: tuple[str, ...] = ("queue", "http")
 VOICE_PLACEHOLDER = "{voice}"
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_HTTP_WRITE_TIMEOUT_S = 30.0
+DEFAULT_HTTP_READ_TIMEOUT_S = 30.0
+DEFAULT_HTTP_KEEPALIVE_S = 15.0
+DEFAULT_HTTP_MAX_CONNECTIONS = 1024
 RELEASED_MODEL_NAMES: tuple[str, ...] = tuple(RELEASED_MODELS)
 
 # Why MAX_CONCURRENCY defaults to 4x MAX_BATCH_SIZE: the RunPod SDK (runpod 1.12, JobScaler.get_jobs) takes new
@@ -161,6 +183,14 @@ def _with_http_settings(config: WorkerConfig, read: EnvReader) -> WorkerConfig:
         config, host=read.raw("HOST") or "0.0.0.0", port=port,
         port_health=read.integer("PORT_HEALTH", port, minimum=1, maximum=65535),
         voice_ref_url_template=_voice_template(read), api_key=read.raw("API_KEY"),
+        http_ref_audio_url=read.choice("HTTP_REF_AUDIO_URL", "on", ("on", "off")) == "on",
+        http_write_timeout_s=read.number("HTTP_WRITE_TIMEOUT_S", DEFAULT_HTTP_WRITE_TIMEOUT_S, minimum=1.0,
+                                         maximum=600.0),
+        http_read_timeout_s=read.number("HTTP_READ_TIMEOUT_S", DEFAULT_HTTP_READ_TIMEOUT_S, minimum=1.0,
+                                        maximum=600.0),
+        http_keepalive_s=read.number("HTTP_KEEPALIVE_S", DEFAULT_HTTP_KEEPALIVE_S, minimum=1.0, maximum=3600.0),
+        http_max_connections=read.integer("HTTP_MAX_CONNECTIONS", DEFAULT_HTTP_MAX_CONNECTIONS, minimum=16,
+                                          maximum=1_000_000),
     )  # fmt: skip
     for name, value in (("PORT", config.port), ("PORT_HEALTH", config.port_health)):
         if value == config.metrics_port:
@@ -190,6 +220,7 @@ class WorkerConfig:
     max_text_chars: int = 5000
     job_timeout_s: float = 600.0
     metrics_port: int = 9090
+    metrics_host: str = "0.0.0.0"
     log_level: str = "INFO"
     default_language: str = "pt"
     default_output_format: str = "wav"
@@ -198,11 +229,18 @@ class WorkerConfig:
     streaming: bool = False
     stream_first_chunk_s: float = 0.5
     stream_max_chunk_s: float = 8.0
+    stream_buffer_s: float = 60.0
+    stream_aggregate: bool = True
     server_mode: str = "queue"
     host: str = "0.0.0.0"
     port: int = DEFAULT_HTTP_PORT
     port_health: int = DEFAULT_HTTP_PORT
     voice_ref_url_template: str | None = None
+    http_ref_audio_url: bool = True
+    http_write_timeout_s: float = DEFAULT_HTTP_WRITE_TIMEOUT_S
+    http_read_timeout_s: float = DEFAULT_HTTP_READ_TIMEOUT_S
+    http_keepalive_s: float = DEFAULT_HTTP_KEEPALIVE_S
+    http_max_connections: int = DEFAULT_HTTP_MAX_CONNECTIONS
     # A secret: never in repr, summary() or a log line.
     api_key: str | None = field(default=None, repr=False)
     # StorageConfig may hold credentials: it never appears in this object's repr.
@@ -242,6 +280,7 @@ class WorkerConfig:
             max_text_chars=read.integer("MAX_TEXT_CHARS", 5000, minimum=1),
             job_timeout_s=read.number("JOB_TIMEOUT_S", 600.0, minimum=0.0, exclusive=True),
             metrics_port=read.integer("METRICS_PORT", 9090, minimum=0, maximum=65535),
+            metrics_host=read.raw("METRICS_HOST") or "0.0.0.0",
             log_level=_log_level(read),
             default_language=_language(read),
             default_output_format=read.choice("DEFAULT_OUTPUT_FORMAT", "wav", SUPPORTED_OUTPUT_FORMATS),
@@ -250,6 +289,8 @@ class WorkerConfig:
             streaming=read.choice("STREAMING", "off", ("on", "off")) == "on",
             stream_first_chunk_s=read.number("STREAM_FIRST_CHUNK_S", 0.5, minimum=0.05, maximum=10.0),
             stream_max_chunk_s=read.number("STREAM_MAX_CHUNK_S", 8.0, minimum=0.05, maximum=10.0),
+            stream_buffer_s=read.number("STREAM_BUFFER_S", 60.0, minimum=1.0, maximum=3600.0),
+            stream_aggregate=read.choice("STREAM_AGGREGATE", "on", ("on", "off")) == "on",
             server_mode=read.choice("SERVER_MODE", "queue", SERVER_MODES),
         )
         if config.server_mode == "http":  # read only where they mean something: a queue worker ignores them
@@ -273,6 +314,10 @@ class WorkerConfig:
         if self.server_mode == "http" and self.streaming:
             notes.append("STREAMING=on has no effect with SERVER_MODE=http: each HTTP request chooses whether it "
                          "streams (its response_format and stream_format)")
+        if self.server_mode == "queue" and self.streaming and self.stream_aggregate:
+            notes.append("STREAMING=on with STREAM_AGGREGATE=on: each job-done POST carries the whole stream again "
+                         "(about 64 KB per second of audio, so RunPod's 10 MB /run cap is reached near 150 s); "
+                         "callers that read /stream only can set STREAM_AGGREGATE=off")  # fmt: skip
         if self.server_mode == "http" and self.api_key is None:
             notes.append("SERVER_MODE=http without API_KEY: anyone who reaches the port can use the API")
         if self.server_mode == "queue" and self.max_concurrency < 2 * self.max_batch_size:
@@ -302,6 +347,7 @@ class WorkerConfig:
             "max_text_chars": self.max_text_chars,
             "job_timeout_s": self.job_timeout_s,
             "metrics_port": self.metrics_port,
+            "metrics_host": self.metrics_host,
             "log_level": self.log_level,
             "default_language": self.default_language,
             "default_output_format": self.default_output_format,
@@ -310,6 +356,8 @@ class WorkerConfig:
             "streaming": self.streaming,
             "stream_first_chunk_s": self.stream_first_chunk_s,
             "stream_max_chunk_s": self.stream_max_chunk_s,
+            "stream_buffer_s": self.stream_buffer_s,
+            "stream_aggregate": self.stream_aggregate,
             "server_mode": self.server_mode,
             **(self._http_summary() if self.server_mode == "http" else {}),
         }
@@ -322,5 +370,10 @@ class WorkerConfig:
             "port_health": self.port_health,
             "voice_ref_url_template": self.voice_ref_url_template,
             "api_key_required": self.api_key is not None,
+            "http_ref_audio_url": self.http_ref_audio_url,
+            "http_write_timeout_s": self.http_write_timeout_s,
+            "http_read_timeout_s": self.http_read_timeout_s,
+            "http_keepalive_s": self.http_keepalive_s,
+            "http_max_connections": self.http_max_connections,
         }
 

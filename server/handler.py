@@ -51,6 +51,7 @@ from batching import InputError, SamplingParams, SpeechRequest
 from batching.streaming import AudioChunk
 from batching.errors import JobTimeoutError
 from server.config import WorkerConfig
+from server.logtext import printable
 from server.metrics import Metrics
 from server.validation import TTSRequest, ValidationError, error_output, validate_request
 from storage import StorageInputError, decode_reference_async, encode_async, store_result
@@ -112,8 +113,9 @@ class HandlerContext:
 
 
 def _preview(text: str) -> str:
+    """The start of a caller's text for the log: one line, control characters and surrogates escaped."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= TEXT_PREVIEW_CHARS else flat[: TEXT_PREVIEW_CHARS - 3] + "..."
+    return printable(flat if len(flat) <= TEXT_PREVIEW_CHARS else flat[: TEXT_PREVIEW_CHARS - 3] + "...")
 
 
 def _is_client_error(exc: BaseException) -> bool:
@@ -210,6 +212,7 @@ class TTSHandler:
         self, job_id: str, request: TTSRequest, jlog: logging.LoggerAdapter, started: float, job: dict
     ) -> AsyncIterator[dict]:
         self._log_request(job_id, request, jlog)
+        self._warn_of_aggregate(job_id, jlog, request)
         first_audio_s = None
         items = 0
         async with aclosing(self._chunks(job_id, request, jlog, started, job)) as parts:
@@ -247,7 +250,7 @@ class TTSHandler:
             result = None
             try:
                 async with aclosing(ctx.scheduler.stream(speech)) as chunks:
-                    async for chunk in chunks:
+                    async for chunk in self._in_time(chunks, started):
                         if isinstance(chunk, AudioChunk):
                             yield chunk
                         else:
@@ -257,6 +260,34 @@ class TTSHandler:
                 raise
             generation_s = ctx.clock() - t0
         yield _Synthesis(reference, result, generation_s)
+
+    def _warn_of_aggregate(self, job_id: str, jlog: logging.LoggerAdapter, request: TTSRequest) -> None:
+        """STREAM_AGGREGATE=on: the SDK's job-done POST carries every item again (AGGREGATE_BYTES_PER_S): say so
+        before a job whose audio, estimated from its text, would take it past RunPod's 10 MB /run cap."""
+        if not self.ctx.config.stream_aggregate:
+            return
+        from batching.scheduler import SPOKEN_CHARS_PER_S  # loaded already: the scheduler runs the job
+
+        audio_s = len(request.gen_text) / SPOKEN_CHARS_PER_S / request.speed
+        estimate = audio_s * AGGREGATE_BYTES_PER_S
+        if estimate > RUNPOD_RUN_CAP_BYTES:
+            jlog.warning(
+                "[%s] about %.0f s of audio: its job-done POST will carry about %.1f MB of streamed items, over "
+                "RunPod's %d MB cap for /run (20 MB for /runsync); callers that read /stream only should run this "
+                "worker with STREAM_AGGREGATE=off", job_id, audio_s, estimate / 1e6, RUNPOD_RUN_CAP_BYTES // 10**6,
+            )  # fmt: skip
+
+    async def _in_time(self, items: AsyncIterator, started: float) -> AsyncIterator:
+        """`items`, each awaited under the job's deadline (JOB_TIMEOUT_S; never across a yield, so a slow reader's
+        time is not the job's): a stream that stalls past it ends with JobTimeoutError at the deadline itself,
+        not when the scheduler next looks at its rows."""
+        while True:
+            async with self._deadline(started):
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    return
+            yield item
 
     def _first_audio(self, job_id: str, jlog: logging.LoggerAdapter, started: float) -> float:
         """A streamed job's first audio leaves now: its time, observed and logged."""
@@ -331,7 +362,8 @@ class TTSHandler:
         jlog.info("[%s] text: %s (%d chars)", job_id, _preview(request.gen_text), len(request.gen_text))
         jlog.info(
             "[%s] voice_id: %s | language: %s | format: %s | reference: %s",
-            job_id, request.voice_id, request.language, request.output_format, redact_url(request.ref_audio_url),
+            job_id, request.voice_id, request.language, request.output_format,
+            printable(redact_url(request.ref_audio_url)),
         )  # fmt: skip
         jlog.info(
             "[%s] parameters: temp=%s, speed=%s, top_k=%s, top_p=%s, repetition_penalty=%s, seed=%s",
@@ -508,6 +540,12 @@ class _JobDeadline:
                 raise
             raise JobTimeoutError(f"job did not finish within JOB_TIMEOUT_S={self.limit_s:g} s") from None
 
+
+# STREAM_AGGREGATE=on: the job-done POST carries every streamed item again. Its size against the audio's length,
+# measured through the real SDK loop (tests/reliability/test_streaming_in_the_loop.py): base64 of 16-bit PCM at
+# 24 kHz is 64,000 bytes a second, plus each item's JSON keys.
+AGGREGATE_BYTES_PER_S = 64_200
+RUNPOD_RUN_CAP_BYTES = 10 * 10**6  # RunPod's documented payload cap of /run (/runsync: 20 MB)
 
 # Audio items: 16-bit PCM, at most this much audio each, so that every stream POST stays well under RunPod's
 # 1 MB per yield (10 s at 24 kHz: 480 KB of PCM, 640 KB of base64).

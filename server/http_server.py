@@ -11,11 +11,12 @@ Routes, on HOST:PORT:
     POST /tts               the seed's job input in, the seed's output out (a queue job's `input` and `output`)
 
 Every work request passes, in this order: API_KEY (`Authorization: Bearer <key>`, compared in constant time;
-401 invalid_api_key), the worker's state (503 worker_starting with Retry-After while loading; 503
+401 invalid_api_key, also for a header that is not UTF-8), the worker's state (503 worker_starting with Retry-After while loading; 503
 worker_shutting_down while draining), capacity (at most MAX_CONCURRENCY requests in flight: one more is answered
 429 over_capacity at once, with `Retry-After: 1`, never queued: a load-balancing endpoint has no queue, and a
 client or RunPod's balancer should try again, here or on another worker), and the body (MAX_BODY_BYTES: 413
-request_too_large; not JSON: 400 invalid_json). Errors are OpenAI's error body (server.openai_api.error_body);
+request_too_large; not all there within HTTP_READ_TIMEOUT_S: 408 request_timeout; not JSON, nested deeper than
+MAX_JSON_DEPTH or with a number longer than MAX_JSON_NUMBER_CHARS, both checked before parsing: 400 invalid_json). Errors are OpenAI's error body (server.openai_api.error_body);
 every answer carries `X-Request-Id`, the job id in the worker's log.
 
 POST /v1/audio/speech answers:
@@ -31,7 +32,19 @@ POST /v1/audio/speech answers:
   without its last chunk (the connection is closed: the client sees a truncated transfer, never a complete-looking
   file); an SSE body gets `data: {"type": "error", "error": {...}}` and ends.
 - A client that goes away mid-stream: its handler is cancelled (aiohttp's handler_cancellation), which closes
-  Scheduler.stream: its rows leave the batch at the next step.
+  Scheduler.stream: its rows leave the batch at the next step. The job counts as cancelled; a client that leaves
+  once all the audio is written (at the final write_eof) leaves a completed job.
+
+Limits against hostile or broken clients (each a setting of server.config):
+- Every audio write has a deadline: a client that takes no byte of its response for HTTP_WRITE_TIMEOUT_S is cut
+  off (its transport closed, its rows out of the batch, its MAX_CONCURRENCY slot free), however early the audio
+  was made. Meanwhile its stream pauses once STREAM_BUFFER_S of audio is unread (batching.scheduler).
+- An idle keep-alive connection, or one whose request headers have not all arrived, is closed after
+  HTTP_KEEPALIVE_S (aiohttp's keepalive_timeout, armed from the connection's start).
+- At most HTTP_MAX_CONNECTIONS open connections on PORT (cut to fit RLIMIT_NOFILE); one more is answered
+  `503 too_many_connections` with `Retry-After: 1` and closed. The listen backlog is LISTEN_BACKLOG. With
+  PORT_HEALTH other than PORT, /ping's own listener has HEALTH_CONNECTIONS more, so RunPod's health check gets
+  through while PORT is full.
 
 Lifecycle (`serve`): the listeners come up first (/ping 204), then the caller's `start()` builds the handler
 context in this event loop (storage check, engine loaded and warmed in a thread, scheduler) -> /ping 200. A start-up
@@ -45,10 +58,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import math
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -57,10 +73,11 @@ from aiohttp import web
 
 from batching import SpeechResult
 from batching.streaming import AudioChunk
-from server.config import WorkerConfig
+from server.config import VOICE_PLACEHOLDER, WorkerConfig
+from server.logtext import printable
 from server.handler import HandlerContext, TTSHandler
 from server.metrics import Metrics
-from server.openai_api import ApiError, SpeechCall, error_body, error_body_from_output, speech_call
+from server.openai_api import REF_FORBIDDEN, ApiError, SpeechCall, error_body, error_body_from_output, speech_call
 from server.speech_formats import FORMATS, StreamEncoder, encode_whole_async
 from server.validation import ValidationError
 
@@ -72,6 +89,12 @@ OVER_CAPACITY_RETRY_AFTER_S = 1
 DRAIN_GRACE_S = 30.0  # beyond JOB_TIMEOUT_S, for clients that read a finished stream slowly
 SSE_PIECE_BYTES = 64 * 1024  # a whole-file format's body is sent as SSE deltas of at most this many bytes
 AUDIO_TOKEN_S = 1024 / 22050  # one XTTS audio token (usage.output_tokens)
+MAX_JSON_DEPTH = 32  # a request body nests objects and arrays at most this deep (OpenAI's body: 2)
+MAX_JSON_NUMBER_CHARS = 100  # and writes no number longer than this (Python's int() refuses 4,300 digits)
+LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (aiohttp's 128 drops SYNs under a burst)
+HEALTH_CONNECTIONS = 64  # the PORT_HEALTH listener's own cap
+FD_RESERVE = 64  # file descriptors kept for the model, logs, storage and the metrics endpoint
+REFUSAL_LOG_EVERY_S = 10.0  # connections refused past the cap: one log line per this many seconds, with a count
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -126,7 +149,12 @@ class HttpApi:
 
     async def tts(self, request: web.Request) -> web.StreamResponse:
         async with self._admitted(request) as request_id:
-            body = await _json_body(request)
+            body = await self._json_body(request)
+            try:
+                body = self._tts_input(body)
+            except ValidationError as exc:
+                self.handler.refused(request_id, exc)
+                return _error_response(exc)
             output = await self.handler({"id": request_id, "input": body})
             if "error" in output:
                 status, error = error_body_from_output(output)
@@ -135,11 +163,12 @@ class HttpApi:
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         async with self._admitted(request) as request_id:
-            body = await _json_body(request)
+            body = await self._json_body(request)
             try:
                 call = speech_call(body, max_text_chars=self.config.max_text_chars,
                                    default_language=self.config.default_language,
-                                   voice_template=self.config.voice_ref_url_template)  # fmt: skip
+                                   voice_template=self.config.voice_ref_url_template,
+                                   allow_ref_audio_url=self.config.http_ref_audio_url)  # fmt: skip
             except ValidationError as exc:
                 self.handler.refused(request_id, exc)
                 return _error_response(exc)
@@ -154,56 +183,137 @@ class HttpApi:
                     return await self._send_events(request, request_id, call, first, parts)
                 if streamed:
                     return await self._send_stream(request, request_id, call, first, parts)
-                return await self._send_whole(request_id, call, first, parts)
+                return await self._send_whole(request, request_id, call, first, parts)
 
     # ------------------------------------------------------------------ answers
 
     async def _send_stream(self, request, request_id, call: SpeechCall, first, parts) -> web.StreamResponse:
         response = web.StreamResponse(headers=_audio_headers(request_id, call, first.sample_rate))
-        await response.prepare(request)
-        try:
+        async with self._writing(request, request_id, response) as write:
             async for data in _AudioBody(call.response_format, first, parts):
-                await response.write(data)
-        except ConnectionError:
-            return response  # the client went away: the handler's generator is closed on the way out
-        except Exception as exc:  # the status is sent already: cut the body short
-            log.warning("[%s] audio cut short after its status was sent: %s", request_id, type(exc).__name__)
-            _cut(request)
-            return response
-        await response.write_eof()
+                await write(data)
         return response
 
-    async def _send_whole(self, request_id, call: SpeechCall, result, parts) -> web.Response:
+    async def _send_whole(self, request, request_id, call: SpeechCall, result, parts) -> web.StreamResponse:
+        """A whole format: encoded once all is made, then written under the same deadline as a stream."""
         data = await _whole_body(call, result, parts)
-        headers = {**_audio_headers(request_id, call, result.sample_rate),
-                   "X-Audio-Duration": f"{len(result.wav) / result.sample_rate:.6f}"}  # fmt: skip
-        return web.Response(body=data, headers=headers)
+        response = web.StreamResponse(headers={**_audio_headers(request_id, call, result.sample_rate),
+                                               "X-Audio-Duration": f"{len(result.wav) / result.sample_rate:.6f}"})
+        response.content_length = len(data)
+        async with self._writing(request, request_id, response) as write:
+            await write(data)
+        return response
 
     async def _send_events(self, request, request_id, call: SpeechCall, first, parts) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": request_id})  # fmt: skip
-        await response.prepare(request)
-        try:
+        async with self._writing(request, request_id, response, events=True) as write:
             if FORMATS[call.response_format].streamed:
                 body = _AudioBody(call.response_format, first, parts)
                 async for data in body:
-                    await response.write(_delta(data))
+                    await write(_delta(data))
                 result = body.result
             else:
                 result = first
                 data = await _whole_body(call, result, parts)
                 for lo in range(0, len(data), SSE_PIECE_BYTES):
-                    await response.write(_delta(data[lo: lo + SSE_PIECE_BYTES]))
-            await response.write(_event({"type": "speech.audio.done", "usage": _usage(call, result.duration_s)}))
-        except ConnectionError:
-            return response
-        except Exception as exc:  # logged by the handler: the stream says so, and ends
-            _, error = error_body(exc)
-            await response.write(_event({"type": "error", **error}))
-        await response.write_eof()
+                    await write(_delta(data[lo: lo + SSE_PIECE_BYTES]))
+            await write(_event({"type": "speech.audio.done", "usage": _usage(call, result.duration_s)}))
         return response
 
+    @contextlib.asynccontextmanager
+    async def _writing(self, request, request_id: str, response: web.StreamResponse, *, events: bool = False):
+        """Send the status, then give the block `write(data)`: every write under HTTP_WRITE_TIMEOUT_S; the body
+        ended (write_eof) when the block ends. Whatever happens after the status, nothing escapes: a client that
+        went away, or stalled past the deadline, is let go (its transport closed; the handler's generator, closed on
+        the way out, drops its rows); a failure of the audio cuts an audio body short (a truncated transfer, never a
+        complete-looking file) or ends an SSE body with an error event."""
+        await response.prepare(request)
+        write = functools.partial(self._write, request, response)
+        try:
+            try:
+                yield write
+            except ConnectionError:
+                return  # the client went away: nobody to tell
+            except _Stalled:
+                self._drop(request, request_id)
+                return
+            except Exception as exc:  # the status is sent already
+                if not events:
+                    log.warning("[%s] audio cut short after its status was sent: %s", request_id, type(exc).__name__)
+                    _cut(request)
+                    return
+                _, error = error_body(exc)  # logged by the handler: the stream says so, and ends
+                await write(_event({"type": "error", **error}))
+            await asyncio.wait_for(response.write_eof(), self.config.http_write_timeout_s)
+        except (ConnectionError, _Stalled, TimeoutError):
+            # At the very end: all the audio was handed to the socket, and the job has counted as completed.
+            log.info("[%s] the client left before the response's last bytes", request_id)
+            _cut(request)
+
+    async def _write(self, request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+        """`response.write(data)`; _Stalled when the client takes none of the pending bytes for HTTP_WRITE_TIMEOUT_S.
+
+        aiohttp's write returns once the transport's buffer is below its high-water mark, which a stalled reader
+        never lets happen. Progress is the buffer shrinking (the kernel took bytes, because the client read some):
+        a client reading slowly but steadily is never cut off, one that stops is, HTTP_WRITE_TIMEOUT_S later."""
+        limit = self.config.http_write_timeout_s
+        writing = asyncio.ensure_future(response.write(data))
+        loop = asyncio.get_running_loop()
+        pending, progress_at = None, loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({writing}, timeout=min(1.0, limit / 4))
+                if done:
+                    return writing.result()
+                transport = request.transport
+                size = transport.get_write_buffer_size() if transport is not None else 0
+                if pending is None or size < pending:
+                    progress_at = loop.time()
+                pending = size
+                if loop.time() - progress_at >= limit:
+                    raise _Stalled
+        finally:
+            if not writing.done():
+                writing.cancel()
+                writing.add_done_callback(_retrieved)
+
+    def _drop(self, request: web.Request, request_id: str) -> None:
+        log.warning("[%s] the client took no byte of its response for %g s (HTTP_WRITE_TIMEOUT_S): dropped",
+                    request_id, self.config.http_write_timeout_s)  # fmt: skip
+        if self.metrics:
+            self.metrics.http_dropped.labels(reason="write_timeout").inc()
+        _cut(request)
+
     # ------------------------------------------------------------------ admission
+
+    async def _json_body(self, request: web.Request) -> object:
+        """The request's body, read within HTTP_READ_TIMEOUT_S and MAX_BODY_BYTES, parsed (parse_json_body)."""
+        try:
+            async with asyncio.timeout(self.config.http_read_timeout_s):
+                raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError("request_too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
+        except TimeoutError:
+            raise ApiError("request_timeout", f"the request body did not arrive within "
+                           f"{self.config.http_read_timeout_s:g} s (HTTP_READ_TIMEOUT_S)") from None  # fmt: skip
+        return parse_json_body(raw)
+
+    def _tts_input(self, body: object) -> object:
+        """POST /tts's job input: with HTTP_REF_AUDIO_URL=off, only the voice's own reference (from
+        VOICE_REF_URL_TEMPLATE) may be named; a missing ref_audio_url is the template's when there is one."""
+        template = self.config.voice_ref_url_template
+        if not isinstance(body, dict) or not isinstance(body.get("voice_id"), str) or template is None:
+            if isinstance(body, dict) and not self.config.http_ref_audio_url and body.get("ref_audio_url") is not None:
+                raise _ref_forbidden()
+            return body
+        own = template.replace(VOICE_PLACEHOLDER, body["voice_id"])
+        given = body.get("ref_audio_url")
+        if given is None:
+            return {**body, "ref_audio_url": own}
+        if not self.config.http_ref_audio_url and given != own:
+            raise _ref_forbidden()
+        return body
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: web.Request) -> AsyncIterator[str]:
@@ -235,7 +345,11 @@ class HttpApi:
         if key is None:
             return True
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        try:
+            presented = token.strip().encode()
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (aiohttp keeps them as surrogates): not our key
+            return False
+        return scheme.lower() == "bearer" and hmac.compare_digest(presented, key.encode())
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -245,7 +359,8 @@ class HttpApi:
         try:
             response = await handler(request)
         except ApiError as exc:
-            log.info("[%s] %s %s refused: %s %s", request_id, request.method, request.path, exc.error_code, exc)
+            log.info("[%s] %s %s refused: %s %s", request_id, request.method, printable(request.path[:200]),
+                     exc.error_code, printable(str(exc)[:300]))  # fmt: skip
             if self.metrics:
                 self.metrics.http_refusals.labels(code=exc.error_code).inc()
             response = _error_response(exc)
@@ -267,15 +382,59 @@ class HttpApi:
 # ---------------------------------------------------------------------- helpers
 
 
-async def _json_body(request: web.Request) -> object:
+class _Stalled(Exception):
+    """The client took no byte of its response for HTTP_WRITE_TIMEOUT_S."""
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+def parse_json_body(raw: bytes) -> object:
+    """The request body as JSON, within limits a caller cannot push into a 500: no number longer than
+    MAX_JSON_NUMBER_CHARS (checked as the parser meets it, before int() would refuse 4,300 digits), nesting no
+    deeper than MAX_JSON_DEPTH (the parser's own recursion guard stops a deeper one early). ApiError invalid_json."""
+
+    def number(text: str, convert: Callable[[str], object]) -> object:
+        if len(text) > MAX_JSON_NUMBER_CHARS:
+            raise _NumberTooLong
+        return convert(text)
+
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError("request_too_large", f"the request body is larger than {MAX_BODY_BYTES} bytes") from None
-    try:
-        return json.loads(raw)
+        value = json.loads(raw, parse_int=lambda t: number(t, int), parse_float=lambda t: number(t, float))
+    except _NumberTooLong:
+        raise ApiError("invalid_json", f"the request body has a number longer than {MAX_JSON_NUMBER_CHARS} "
+                       "characters") from None  # fmt: skip
+    except RecursionError:
+        value = None  # deeper than the interpreter's recursion limit, so far deeper than MAX_JSON_DEPTH
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError("invalid_json", f"the request body is not valid JSON ({exc})") from None
+    if value is None or _depth(value) > MAX_JSON_DEPTH:
+        raise ApiError("invalid_json", f"the request body nests objects or arrays deeper than {MAX_JSON_DEPTH} "
+                       "levels") from None  # fmt: skip
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deep objects and arrays nest in a parsed JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """A cancelled write's task: its exception (the client's reset) is seen, not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _ref_forbidden() -> ValidationError:
+    return ValidationError(REF_FORBIDDEN, error_code="ref_audio_forbidden", field="ref_audio_url")
 
 
 def _from_aiohttp(exc: web.HTTPException) -> ApiError:
@@ -397,18 +556,23 @@ async def serve(
 
 async def _listen(api: HttpApi, config: WorkerConfig) -> list[web.AppRunner]:
     """The API's listener on PORT, and /ping's on PORT_HEALTH when it differs; StartupError when one cannot bind."""
-    apps = [(api.app(), config.port)]
-    if config.port_health != config.port:
-        apps.append((api.health_app(), config.port_health))
+    health = config.port_health != config.port
+    cap = connection_cap(config.http_max_connections, HEALTH_CONNECTIONS if health else 0)
+    apps = [(api.app(), config.port, cap)]
+    if health:
+        apps.append((api.health_app(), config.port_health, HEALTH_CONNECTIONS))
     runners = []
     try:
-        for app, port in apps:
+        for app, port, limit in apps:
             # handler_cancellation: a client that disconnects cancels its handler, which frees its rows.
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+            # keepalive_timeout: aiohttp arms it when a connection opens and after each response, so it closes
+            # both an idle connection and one that never finishes its request headers.
+            runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0,
+                                   keepalive_timeout=config.http_keepalive_s)  # fmt: skip
             await runner.setup()
             runners.append(runner)
             try:
-                await web.TCPSite(runner, config.host, port).start()
+                await _CappedSite(runner, config.host, port, limit=limit, metrics=api.metrics).start()
             except OSError as exc:
                 hint = " (ports below 1024 need root: set PORT and PORT_HEALTH, e.g. 8000)" if port < 1024 else ""
                 raise StartupError(f"cannot listen on {config.host}:{port}: {exc.strerror or exc}{hint}") from None
@@ -416,5 +580,118 @@ async def _listen(api: HttpApi, config: WorkerConfig) -> list[web.AppRunner]:
         for runner in reversed(runners):
             await runner.cleanup()
         raise
-    log.info("listening on http://%s:%d (GET /ping answers 204 until the model is ready)", config.host, config.port)
+    log.info("listening on http://%s:%d (GET /ping answers 204 until the model is ready; at most %d connections)",
+             config.host, config.port, cap)  # fmt: skip
     return runners
+
+
+def connection_cap(wanted: int, reserved: int = 0) -> int:
+    """HTTP_MAX_CONNECTIONS, lowered to what RLIMIT_NOFILE leaves after FD_RESERVE and `reserved` (the health
+    listener's), so that the worker refuses connections before the kernel refuses it file descriptors."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = wanted if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE - reserved)
+    if room < wanted:
+        log.warning("HTTP_MAX_CONNECTIONS=%d lowered to %d to fit the open-files limit (%d)", wanted, room, soft)
+    return min(wanted, room)
+
+
+class _CappedSite(web.TCPSite):
+    """A TCPSite that holds at most `limit` connections open, answering one more `503 too_many_connections`
+    before it closes it (never a reset nobody can explain), with the backlog LISTEN_BACKLOG."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, limit: int, metrics: Metrics | None):
+        super().__init__(runner, host, port, backlog=LISTEN_BACKLOG)
+        self.limit = limit
+        self.open = 0
+        self._metrics = metrics
+        self._refusing = 0
+        self._refused_since_log = 0
+        self._logged_at = -math.inf
+
+    async def start(self) -> None:
+        """TCPSite.start, with the capped protocol factory (and the count kept by aiohttp's close hook)."""
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        lost = server.connection_lost
+
+        def connection_lost(handler, exc=None):  # aiohttp's Server hook: one of ours closed
+            self.open -= 1
+            lost(handler, exc)
+
+        server.connection_lost = connection_lost
+        self._server = await asyncio.get_running_loop().create_server(
+            _Factory(server, self), self._host, self._port, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+        )  # fmt: skip
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+    def protocol(self, server) -> asyncio.BaseProtocol:
+        if self.open < self.limit:
+            self.open += 1
+            return server()
+        self._note_refusal()
+        return _Refusal(self)
+
+    def _note_refusal(self) -> None:
+        if self._metrics:
+            self._metrics.http_refusals.labels(code="too_many_connections").inc()
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_EVERY_S:
+            log.warning("%d connection(s) refused in %s: %d open, HTTP_MAX_CONNECTIONS reached", self._refused_since_log,
+                        "the last %g s" % REFUSAL_LOG_EVERY_S if self._logged_at > -math.inf else "a burst",
+                        self.open)  # fmt: skip
+            self._logged_at, self._refused_since_log = now, 0
+
+
+class _Factory:
+    """The protocol factory handed to create_server: aiohttp's Server, through the site's cap."""
+
+    def __init__(self, server, site: _CappedSite):
+        self._server = server
+        self._site = site
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self._site.protocol(self._server)
+
+
+_REFUSAL_BODY = json.dumps({"error": {"message": "this worker has too many open connections (HTTP_MAX_CONNECTIONS); "
+                                      "retry in 1 s", "type": "server_error", "param": None,
+                                      "code": "too_many_connections"}}).encode()  # fmt: skip
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY)
+REFUSAL_LINGER_S = 1.0  # a refused connection stays this long, reading (and dropping) what the client sends
+MAX_REFUSING = 256  # refused connections lingering at once; past that, closed at once
+
+
+class _Refusal(asyncio.Protocol):
+    """A connection past the cap: answered 503 at once, then closed once the client has sent its request (or after
+    REFUSAL_LINGER_S): closing with unread bytes would make the kernel send a reset instead of the answer."""
+
+    def __init__(self, site: _CappedSite):
+        self._site = site
+        self._transport = None
+        self._timer = None
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+        self._site._refusing += 1
+        if self._site._refusing > MAX_REFUSING:
+            transport.abort()
+            return
+        transport.write(_REFUSAL)
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # close
+
+    def connection_lost(self, exc) -> None:
+        self._site._refusing -= 1
+        if self._timer is not None:
+            self._timer.cancel()

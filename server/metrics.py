@@ -105,8 +105,16 @@ class Metrics:
         self.http_refusals = Counter(
             "xtts_http_refusals_total",
             "SERVER_MODE=http: requests refused before they became jobs, by code (invalid_api_key, worker_starting, "
-            "worker_shutting_down, over_capacity, request_too_large, invalid_json, not_found, ...).",
+            "worker_shutting_down, over_capacity, too_many_connections, request_too_large, request_timeout, invalid_json, "
+            "not_found, ...).",
             ["code"],
+            registry=registry,
+        )
+        self.http_dropped = Counter(
+            "xtts_http_clients_dropped_total",
+            "SERVER_MODE=http: responses cut off because the client took none of their bytes for "
+            "HTTP_WRITE_TIMEOUT_S (reason=write_timeout); their jobs count as cancelled.",
+            ["reason"],
             registry=registry,
         )
         self.preempted_rows = Counter(

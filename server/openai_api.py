@@ -17,7 +17,8 @@ Request body (JSON):
     stream_format    audio (default: the body is the audio) | sse (server-sent events, see server.http_server)
   extras (the OpenAI client sends them with extra_body=...):
     language, temperature, top_k, top_p, repetition_penalty, seed: as in a queue job
-    ref_audio_url    the reference audio's URL: overrides VOICE_REF_URL_TEMPLATE for this request
+    ref_audio_url    the reference audio's URL: overrides VOICE_REF_URL_TEMPLATE for this request (refused with
+                     400 ref_audio_forbidden under HTTP_REF_AUDIO_URL=off, unless it is the voice's own)
 
 Unknown fields are refused (unknown_field), as in a queue job. A message that names a field names it as the caller
 sent it (`input`, `voice`), not by the seed's name; OpenAI's `param` holds that name.
@@ -32,11 +33,13 @@ queue worker's error string (server.errors.format_error). Statuses:
     401  invalid_api_key (API_KEY set, and the request has no or another `Authorization: Bearer`)
     404  ref_audio_not_found (an unknown voice: its reference object does not exist), not_found (no such route)
     405  method_not_allowed
+    408  request_timeout (the body did not arrive within HTTP_READ_TIMEOUT_S)
     413  request_too_large (a body over MAX_BODY_BYTES)
     429  over_capacity (MAX_CONCURRENCY requests in flight), with Retry-After
     502  storage_request_rejected (GCS refused a request for a reason of its own)
     503  worker_starting (model loading), worker_shutting_down (SIGTERM, draining), storage_unavailable,
-         job_timeout, generation_failed, out_of_memory, fatal_engine_error, model_not_loaded: retry, possibly
+         job_timeout, generation_failed, out_of_memory, fatal_engine_error, model_not_loaded,
+         too_many_connections (HTTP_MAX_CONNECTIONS open; answered before the request is read): retry, possibly
          on another worker
     500  anything else (internal_error, local_storage_error, ...); an unknown retryable code is 503
 """
@@ -59,6 +62,8 @@ from storage.urls import validate_voice_id
 OPENAI_FIELDS = ("model", "input", "voice", "response_format", "speed", "instructions", "stream_format")
 EXTRA_FIELDS = ("language", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "ref_audio_url")
 STREAM_FORMATS = ("audio", "sse")
+REF_FORBIDDEN = ("ref_audio_url is not accepted by this server (HTTP_REF_AUDIO_URL=off): name a voice, whose "
+                 "reference the server finds itself (VOICE_REF_URL_TEMPLATE)")
 DEFAULT_RESPONSE_FORMAT = "mp3"  # OpenAI's
 OPENAI_SPEED_RANGE = "0.25 to 4.0"
 # The seed's names, and the names a caller of this API knows them by.
@@ -75,12 +80,13 @@ STATUS_BY_CODE: dict[str, int] = {
     "ref_audio_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "request_too_large": 413,
     "over_capacity": 429,
     "storage_request_rejected": 502,
     **dict.fromkeys((
         "worker_starting", "worker_shutting_down", "storage_unavailable", "job_timeout", "generation_failed",
-        "out_of_memory", "fatal_engine_error", "model_not_loaded",
+        "out_of_memory", "fatal_engine_error", "model_not_loaded", "too_many_connections",
     ), 503),  # fmt: skip
     "internal_error": 500,
 }
@@ -129,6 +135,7 @@ class SpeechCall:
 
 def speech_call(
     body: Any, *, max_text_chars: int, default_language: str, voice_template: str | None,
+    allow_ref_audio_url: bool = True,
 ) -> SpeechCall:  # fmt: skip
     """Check OpenAI's request body and map it onto the seed's input; ValidationError (and nothing else) when bad."""
     if not isinstance(body, Mapping):
@@ -151,6 +158,10 @@ def speech_call(
     stream_format = _choice(body, "stream_format", STREAM_FORMATS, "audio")
     voice = _voice(body)
     ref_audio_url = body.get("ref_audio_url")
+    if ref_audio_url is not None and not allow_ref_audio_url:
+        own = voice_template.replace(VOICE_PLACEHOLDER, voice) if voice_template else None
+        if ref_audio_url != own:
+            raise ValidationError(REF_FORBIDDEN, error_code="ref_audio_forbidden", field="ref_audio_url")
     if ref_audio_url is None:
         if voice_template is None:
             raise ValidationError(

@@ -160,6 +160,9 @@ def short_value(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _required_string(data: Mapping[str, Any], name: str) -> str:
     if name not in data or data[name] is None:
         raise ValidationError(f"{name} is required", error_code="missing_field", field=name)
@@ -169,6 +172,13 @@ def _required_string(data: Mapping[str, Any], name: str) -> str:
     value = value.strip()
     if not value:
         raise ValidationError(f"{name} must not be empty", error_code="invalid_input", field=name)
+    if (lone := _SURROGATE.search(value)) is not None:  # JSON's "\ud800" decodes to one; it is no text
+        shown = lone.group().encode("unicode_escape").decode("ascii")
+        raise ValidationError(
+            f"{name} must be valid Unicode text: it has a lone surrogate ({shown}) at character {lone.start()}; "
+            "send UTF-8 text (a character beyond U+FFFF as its surrogate pair in JSON)",
+            error_code="invalid_input", field=name,
+        )  # fmt: skip
     return value
 
 

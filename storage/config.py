@@ -9,6 +9,8 @@ STORAGE_EMULATOR_HOST        none                    emulator base URL, e.g. htt
 LOCAL_STORAGE_DIR            ./local_storage         local backend root, made absolute: <root>/<bucket>/<object>
 ALLOWED_BUCKETS              the configured bucket   comma list of buckets references may come from; `*`: any
 ALLOWED_REF_HOSTS            storage.googleapis.com,*.storage.googleapis.com   hosts https references may use
+ALLOWED_REF_PREFIXES         any but generated/      comma list of object-name prefixes references may come from
+                                                     (e.g. `voices/`); `*`: any object, results included
 ALLOW_LOOPBACK_REF_URLS      0                       TEST ONLY: references may use http:// and loopback hosts/ports
 MAX_REF_BYTES                52428800 (50 MiB)       byte cap of one reference download, enforced while streaming
 AUDIO_CACHE_DIR              /tmp/audio_cache        reference-audio disk cache
@@ -40,7 +42,7 @@ from urllib.parse import urlsplit
 
 from .env import EnvReader
 from .errors import InvalidRefUrlError, StorageNotConfiguredError
-from .urls import UrlPolicy, validate_bucket_name
+from .urls import RESULTS_PREFIX, UrlPolicy, validate_bucket_name
 
 DEFAULT_ALLOWED_REF_HOSTS = ("storage.googleapis.com", "*.storage.googleapis.com")
 DEFAULT_LOCAL_BUCKET = "local"
@@ -58,6 +60,8 @@ class StorageConfig:
     allowed_buckets: frozenset[str] | None = None  # None: any
     allowed_ref_hosts: tuple[str, ...] = DEFAULT_ALLOWED_REF_HOSTS
     allow_loopback_ref_urls: bool = False
+    allowed_ref_prefixes: tuple[str, ...] | None = None  # None: any object but results (storage.urls)
+    results_are_references: bool = False  # ALLOWED_REF_PREFIXES=*
     max_ref_bytes: int = 50 * 1024 * 1024
     cache_dir: Path = Path("/tmp/audio_cache")
     cache_max_bytes: int = 5 * 1024**3
@@ -71,7 +75,9 @@ class StorageConfig:
 
     @property
     def url_policy(self) -> UrlPolicy:
-        return UrlPolicy(self.allowed_buckets, self.allowed_ref_hosts, self.allow_loopback_ref_urls)
+        return UrlPolicy(self.allowed_buckets, self.allowed_ref_hosts, self.allow_loopback_ref_urls,
+                         allowed_prefixes=self.allowed_ref_prefixes,
+                         refused_prefixes=() if self.results_are_references else (RESULTS_PREFIX,))  # fmt: skip
 
     @property
     def has_private_key(self) -> bool:
@@ -138,6 +144,9 @@ class StorageConfig:
         hosts_raw = e.raw("ALLOWED_REF_HOSTS")
         hosts = DEFAULT_ALLOWED_REF_HOSTS if hosts_raw is None else _host_patterns(hosts_raw)
 
+        prefixes_raw = e.raw("ALLOWED_REF_PREFIXES")
+        prefixes = None if prefixes_raw is None or prefixes_raw.strip() == "*" else _prefixes(prefixes_raw)
+
         max_ref_bytes = e.integer("MAX_REF_BYTES", 50 * 1024 * 1024, minimum=1)
         cache_max_bytes = e.integer("AUDIO_CACHE_MAX_BYTES", 5 * 1024**3, minimum=1)
         if cache_max_bytes < max_ref_bytes:
@@ -155,6 +164,8 @@ class StorageConfig:
             allowed_buckets=allowed_buckets,
             allowed_ref_hosts=hosts,
             allow_loopback_ref_urls=e.flag("ALLOW_LOOPBACK_REF_URLS", False),
+            allowed_ref_prefixes=prefixes,
+            results_are_references=prefixes_raw is not None and prefixes_raw.strip() == "*",
             max_ref_bytes=max_ref_bytes,
             cache_dir=Path(e.raw("AUDIO_CACHE_DIR") or "/tmp/audio_cache").expanduser().absolute(),
             cache_max_bytes=cache_max_bytes,
@@ -262,3 +273,16 @@ def _host_patterns(raw: str) -> tuple[str, ...]:
     if not patterns:
         raise StorageNotConfiguredError(f"ALLOWED_REF_HOSTS names no host: {raw!r}")
     return tuple(patterns)
+
+
+def _prefixes(raw: str) -> tuple[str, ...]:
+    """ALLOWED_REF_PREFIXES: object-name prefixes, such as `voices/` (a name starts with one, as GCS lists them)."""
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not items:
+        raise StorageNotConfiguredError(f"ALLOWED_REF_PREFIXES names no prefix: {raw!r}; `*` allows every object")
+    for item in items:
+        if item.startswith("/") or "*" in item or any(ord(c) < 32 or ord(c) == 127 for c in item):
+            raise StorageNotConfiguredError(
+                f"ALLOWED_REF_PREFIXES entries must be object-name prefixes such as voices/ (no leading /, no *, "
+                f"no control characters), got {item!r}")  # fmt: skip
+    return items

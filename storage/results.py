@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .audio import CONTENT_TYPES, normalize_format
-from .urls import validate_voice_id
+from .urls import RESULTS_PREFIX, validate_voice_id
 
-RESULT_PREFIX = "generated/"
+RESULT_PREFIX = RESULTS_PREFIX  # storage.urls refuses references under it
 
 
 class ResultStore(Protocol):

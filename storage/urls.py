@@ -12,6 +12,11 @@
 - `http://` only under `allow_loopback`, and only to a loopback host: that is how tests point signed URLs at the
   emulator on 127.0.0.1.
 
+Objects: `allowed_prefixes` (`ALLOWED_REF_PREFIXES`) names the object-name prefixes a reference may come from.
+Unset, any object but the worker's own results (`generated/...`, storage.results.RESULT_PREFIX): a caller cannot
+use another caller's result as a voice, nor learn from 404/400/200 whether a result exists (the refusal comes
+before any I/O). `*` allows every object, results included.
+
 A signed URL and the `gs://` URL of the same object share `RefLocation.cache_key` (`gs://bucket/object`), so the
 changing signature query never splits the cache (the cache then proves each https caller's own URL still grants
 access before serving a hit: see `storage.cache`). Error messages show URLs without their query (`redact_url`).
@@ -46,6 +51,7 @@ VOICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _LOOPBACK_NAMES = frozenset({"localhost"})
+RESULTS_PREFIX = "generated/"  # storage.results.RESULT_PREFIX (imported from here, so the two cannot differ)
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,24 @@ class UrlPolicy:
     allowed_buckets: frozenset[str] | None
     allowed_hosts: tuple[str, ...] = ("storage.googleapis.com", "*.storage.googleapis.com")
     allow_loopback: bool = False
+    # Object-name prefixes references may come from; None: any object outside `refused_prefixes`.
+    allowed_prefixes: tuple[str, ...] | None = None
+    refused_prefixes: tuple[str, ...] = (RESULTS_PREFIX,)
 
     def bucket_allowed(self, bucket: str) -> bool:
         return self.allowed_buckets is None or bucket in self.allowed_buckets
+
+    def object_refusal(self, name: str) -> str | None:
+        """Why a reference may not be this object (the rule, for the error), or None when it may."""
+        if self.allowed_prefixes is not None:
+            if not name.startswith(self.allowed_prefixes):
+                return f"is not under ALLOWED_REF_PREFIXES ({', '.join(self.allowed_prefixes)})"
+            return None
+        for prefix in self.refused_prefixes:
+            if name.startswith(prefix):
+                return (f"is under {prefix}, where the worker stores results: results cannot be references unless "
+                        "ALLOWED_REF_PREFIXES allows them")  # fmt: skip
+        return None
 
     def match_host(self, host: str) -> str | None:
         """The pattern `host` matches, or None."""
@@ -240,7 +261,7 @@ def _parse_gs(parts, port, policy: UrlPolicy, shown: str) -> RefLocation:
         raise InvalidRefUrlError(f"ref_audio_url: gs:// URLs take no user, port, query or fragment: {shown}")
     bucket = parts.netloc
     _check_bucket(bucket, policy, shown)
-    object_name = _object_from_path(parts.path[1:] if parts.path.startswith("/") else "", shown)
+    object_name = _object_from_path(parts.path[1:] if parts.path.startswith("/") else "", shown, policy)
     return RefLocation("gs", bucket, object_name)
 
 
@@ -276,7 +297,7 @@ def _parse_https(url: str, parts, scheme: str, port, policy: UrlPolicy, shown: s
             raise InvalidRefUrlError(f"ref_audio_url names no object (expected /bucket/object): {shown}")
         bucket, raw_object = unquote(segments[1]), segments[2]
     _check_bucket(bucket, policy, shown)
-    object_name = _object_from_path(unquote(raw_object), shown)
+    object_name = _object_from_path(unquote(raw_object), shown, policy)
     fetch_url = url.split("#", 1)[0]
     return RefLocation(scheme, bucket, object_name, host=host, fetch_url=fetch_url)
 
@@ -290,13 +311,17 @@ def _check_bucket(bucket: str, policy: UrlPolicy, shown: str) -> None:
         raise InvalidRefUrlError(f"ref_audio_url bucket {bucket!r} is not in ALLOWED_BUCKETS: {shown}")
 
 
-def _object_from_path(name: str, shown: str) -> str:
+def _object_from_path(name: str, shown: str, policy: UrlPolicy) -> str:
     if not name:
         raise InvalidRefUrlError(f"ref_audio_url names no object: {shown}")
     try:
-        return validate_object_name(name)
+        name = validate_object_name(name)
     except InvalidObjectNameError as exc:
         raise InvalidRefUrlError(f"{exc} in ref_audio_url {shown}") from None
+    refusal = policy.object_refusal(name)
+    if refusal is not None:
+        raise InvalidRefUrlError(f"ref_audio_url object {name!r} {refusal}: {shown}")
+    return name
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

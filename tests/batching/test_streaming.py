@@ -179,7 +179,9 @@ async def _wait_idle(scheduler) -> bool:
 def test_stream_settings_are_checked():
     with pytest.raises(ValueError, match="first <= max"):
         StreamSettings(2.0, 1.0)
-    assert dataclasses.asdict(StreamSettings()) == {"first_s": 0.5, "max_s": 8.0}
+    assert dataclasses.asdict(StreamSettings()) == {"first_s": 0.5, "max_s": 8.0, "buffer_s": 60.0}
+    with pytest.raises(ValueError, match="unread-audio bound"):
+        StreamSettings(buffer_s=0.0)
 
 
 @pytest.mark.slow
@@ -224,3 +226,37 @@ async def test_a_stream_waiting_for_a_row_takes_one_from_a_later_segment_that_re
         assert len(joined) == len(whole.wav)
         np.testing.assert_allclose(joined, whole.wav, rtol=0, atol=1e-3)
         assert result.segments == 3
+
+
+async def test_a_stalled_reader_pauses_its_stream_and_resumes_with_the_same_audio(tiny_engine):
+    """One row at a time, a 0.2 s bound on unread audio: a caller that takes the first chunk and then stops
+    leaves its stream paused once its running segment is done: no row runs, its two later segments wait, and the
+    unread audio is at most the bound plus one segment. Reading on resumes it; the chunks joined are what `submit`
+    gives for the same seed."""
+    scheduler = Scheduler(tiny_engine, LatentCache(8, None, "t"), max_batch_size=1, batch_wait_s=0.0,
+                          stream_settings=StreamSettings(0.5, 8.0, buffer_s=0.2))  # fmt: skip
+    await scheduler.start()
+    try:
+        params = SamplingParams(seed=5)
+        whole = await scheduler.submit(SpeechRequest(TEXTS["ja"], "ja", "v", _load, params))
+        stream = scheduler.stream(SpeechRequest(TEXTS["ja"], "ja", "v", _load, params, stream=True))
+        chunks = [await anext(stream)]
+        for _ in range(400):
+            if scheduler.running_rows == 0 and not scheduler._busy:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a paused stream stays paused
+        assert scheduler.running_rows == 0 and scheduler.queue_depth == 2
+        (request,) = {row.request for row in scheduler._waiting}
+        assert request.paused and 0.2 < request.unread_s <= 0.2 + whole.duration_s / 2
+        async for item in stream:
+            if isinstance(item, AudioChunk):
+                chunks.append(item)
+            else:
+                result = item
+        joined = np.concatenate([c.samples for c in chunks])
+        np.testing.assert_allclose(joined, whole.wav, rtol=0, atol=1e-3)
+        np.testing.assert_array_equal(result.wav, joined)
+        assert scheduler.idle or await _wait_idle(scheduler)
+    finally:
+        await scheduler.close()

@@ -230,7 +230,7 @@ CUDA_ONLY = {"xtts_gpu_memory_bytes"}
 # forces it on the real engine and checks the hook; tests/server/test_worker_metrics.py checks the counter.
 CONTENTION_ONLY = {"xtts_preempted_rows_total"}
 # Fed only in SERVER_MODE=http (this worker runs the queue mode): tests/http/ checks it.
-HTTP_ONLY = {"xtts_http_refusals_total"}
+HTTP_ONLY = {"xtts_http_refusals_total", "xtts_http_clients_dropped_total"}
 
 
 def documented_metrics() -> set[str]:

@@ -55,12 +55,32 @@ def test_http_defaults():
         ({"VOICE_REF_URL_TEMPLATE": "gs://b/voices/v.wav"}, "VOICE_REF_URL_TEMPLATE must be a URL with one {voice}"),
         ({"VOICE_REF_URL_TEMPLATE": "gs://b/{voice}/{voice}.wav"}, "VOICE_REF_URL_TEMPLATE must be a URL with one"),
         ({"VOICE_REF_URL_TEMPLATE": "gs://b/{lang}/{voice}.wav"}, "and no other braces"),
+        ({"HTTP_WRITE_TIMEOUT_S": "0"}, "HTTP_WRITE_TIMEOUT_S must be a number >= 1 and <= 600, got '0'"),
+        ({"HTTP_READ_TIMEOUT_S": "601"}, "HTTP_READ_TIMEOUT_S must be a number >= 1 and <= 600, got '601'"),
+        ({"HTTP_KEEPALIVE_S": "inf"}, "HTTP_KEEPALIVE_S must be a number >= 1 and <= 3600, got 'inf'"),
+        ({"HTTP_MAX_CONNECTIONS": "8"}, "HTTP_MAX_CONNECTIONS must be an integer from 16 to 1000000, got '8'"),
+        ({"HTTP_REF_AUDIO_URL": "no"}, "HTTP_REF_AUDIO_URL must be one of on, off, got 'no'"),
     ],
 )  # fmt: skip
 def test_bad_http_values_are_named(env, message):
     with pytest.raises(ConfigError) as caught:
         build({"SERVER_MODE": "http", **env})
     assert message in str(caught.value)
+
+
+def test_http_limits_are_read_with_safe_defaults():
+    config = build({"SERVER_MODE": "http"})
+    assert (config.http_write_timeout_s, config.http_read_timeout_s, config.http_keepalive_s) == (30.0, 30.0, 15.0)
+    assert config.http_max_connections == 1024 and config.http_ref_audio_url is True
+    config = build({"SERVER_MODE": "http", "HTTP_WRITE_TIMEOUT_S": "5", "HTTP_READ_TIMEOUT_S": "7",
+                    "HTTP_KEEPALIVE_S": "2.5", "HTTP_MAX_CONNECTIONS": "64", "HTTP_REF_AUDIO_URL": "OFF"})  # fmt: skip
+    assert (config.http_write_timeout_s, config.http_read_timeout_s, config.http_keepalive_s) == (5.0, 7.0, 2.5)
+    assert config.http_max_connections == 64 and config.http_ref_audio_url is False
+    assert {k: v for k, v in config.summary().items() if k.startswith("http_")} == {
+        "http_ref_audio_url": False, "http_write_timeout_s": 5.0, "http_read_timeout_s": 7.0,
+        "http_keepalive_s": 2.5, "http_max_connections": 64,
+    }  # fmt: skip
+    assert build({"HTTP_MAX_CONNECTIONS": "1"}).http_max_connections == 1024  # queue mode: not read
 
 
 def test_an_empty_api_key_counts_as_unset():

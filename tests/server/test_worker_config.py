@@ -57,7 +57,7 @@ def test_every_variable_is_read_and_normalized():
         "LATENT_CACHE_DIR": "/var/latents", "LATENT_CACHE_DISK_ENTRIES": "50", "XTTS_VOCODER_BATCHING": "Per_Row",
         "LATENT_CACHE": "OFF", "XTTS_ENGINE": "Stock", "SCHEDULING": "Static", "MAX_BATCH_TOKENS": "20000",
         "REF_MIN_LEVEL_DBFS": "-60", "VOCODER_SPAN_S": "4", "STREAMING": "ON", "STREAM_FIRST_CHUNK_S": "0.25",
-        "STREAM_MAX_CHUNK_S": "6",
+        "STREAM_MAX_CHUNK_S": "6", "METRICS_HOST": "127.0.0.1", "STREAM_BUFFER_S": "90", "STREAM_AGGREGATE": "Off",
     }  # fmt: skip
     config = build(env)
     assert config.latent_cache_disk_entries == 50
@@ -69,6 +69,7 @@ def test_every_variable_is_read_and_normalized():
         "default_language": "zh-cn", "default_output_format": "mp3", "max_batch_tokens": 20000,
         "scheduling": "static", "ref_min_level_dbfs": -60.0, "vocoder_span_s": 4.0, "streaming": True,
         "stream_first_chunk_s": 0.25, "stream_max_chunk_s": 6.0, "server_mode": "queue",
+            "metrics_host": "127.0.0.1", "stream_buffer_s": 90.0, "stream_aggregate": False,
     }  # fmt: skip
     assert config.storage.env == env  # storage gets the same environment to read its own variables
 

@@ -39,7 +39,7 @@ def test_every_family_is_registered_with_a_unit_in_its_name(metrics):
         "xtts_engine_info",  # an info gauge: Prometheus's convention is the _info suffix, no unit
         "xtts_running_rows", "xtts_admitted_rows", "xtts_step_duration_seconds", "xtts_kv_cache_positions",
         "xtts_time_to_first_audio_seconds", "xtts_vocoder_frames", "xtts_preempted_rows",  # streaming
-        "xtts_http_refusals",  # SERVER_MODE=http
+        "xtts_http_refusals", "xtts_http_clients_dropped",  # SERVER_MODE=http
     }  # fmt: skip
 
 

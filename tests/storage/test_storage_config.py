@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import StorageConfig, StorageNotConfiguredError
+from storage import InvalidRefUrlError, StorageConfig, StorageNotConfiguredError, parse_ref_url
 
 SECRET = "SECRET-MARKER-5f1c"
 
@@ -133,6 +133,9 @@ def test_credentials_without_private_key_cannot_sign_results():
     ("ALLOWED_BUCKETS", "ok-bucket,UPPER", "ALLOWED_BUCKETS contains an invalid bucket name: 'UPPER'"),
     ("ALLOWED_REF_HOSTS", "https://x.example.com", "ALLOWED_REF_HOSTS entries must be hostnames"),
     ("STORAGE_EMULATOR_HOST", "ftp://x", "STORAGE_EMULATOR_HOST must look like http://host:port, got 'ftp://x'"),
+    ("ALLOWED_REF_PREFIXES", " , ", "ALLOWED_REF_PREFIXES names no prefix"),
+    ("ALLOWED_REF_PREFIXES", "voices/,/abs", "ALLOWED_REF_PREFIXES entries must be object-name prefixes"),
+    ("ALLOWED_REF_PREFIXES", "voices/*", "ALLOWED_REF_PREFIXES entries must be object-name prefixes"),
 ])
 def test_bad_values_name_the_variable_and_the_value(name, value, expected):
     env = {"STORAGE_BACKEND": "local", name: value}
@@ -155,6 +158,27 @@ def test_url_policy_settings():
     assert policy.allowed_hosts == ("storage.googleapis.com", "*.cdn.example.com")
     assert policy.allow_loopback
     assert StorageConfig.from_env({"ALLOWED_BUCKETS": "*"}).url_policy.allowed_buckets is None
+
+
+@pytest.mark.parametrize(("value", "voice_ok", "result_ok"), [
+    (None, True, False),  # the default: any object but the worker's results
+    ("*", True, True),
+    ("voices/, refs/", True, False),
+    ("voices/,generated/", True, True),
+    ("refs/", False, False),
+])
+def test_reference_prefixes_keep_results_apart_unless_allowed(value, voice_ok, result_ok):
+    env = {"ALLOWED_BUCKETS": "a-bucket"} | ({} if value is None else {"ALLOWED_REF_PREFIXES": value})
+    policy = StorageConfig.from_env(env).url_policy
+    for url, ok in (("gs://a-bucket/voices/joao.wav", voice_ok),
+                    ("gs://a-bucket/generated/joao_20261205_010203_0a1b2c3d.wav", result_ok),
+                    ("https://storage.googleapis.com/a-bucket/generated/x.wav?X-Goog-Signature=s", result_ok)):
+        if ok:
+            assert parse_ref_url(url, policy).bucket == "a-bucket"
+        else:
+            with pytest.raises(InvalidRefUrlError, match="ALLOWED_REF_PREFIXES") as caught:
+                parse_ref_url(url, policy)
+            assert "X-Goog-Signature" not in str(caught.value)
 
 
 def test_relative_directories_become_absolute(tmp_path, monkeypatch):
