@@ -71,7 +71,7 @@ Variables read here (defaults in brackets):
                           closed after this long (1..3600)                                  [15]
     HTTP_MAX_CONNECTIONS  http: open connections on PORT past which a new one is answered 503
                           too_many_connections and closed; PORT_HEALTH's own listener takes 64 more (16..1000000;
-                          at start it is lowered to fit the file-descriptor limit)          [1024]
+                          at start it is lowered to fit RLIMIT_NOFILE: 832 at 1,024)       [1024]
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ MAX_JSON_NUMBER_CHARS = 100  # and writes no number longer than this (Python's i
 LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (aiohttp's 128 drops SYNs under a burst)
 HEALTH_CONNECTIONS = 64  # the PORT_HEALTH listener's own cap
 FD_RESERVE = 64  # file descriptors kept for the model, logs, storage and the metrics endpoint
+MAX_REFUSING = 64  # connections past the cap being answered 503 at once; more are reset (a flood: no fds left)
 REFUSAL_LOG_EVERY_S = 10.0  # connections refused past the cap: one log line per this many seconds, with a count
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
@@ -259,6 +260,7 @@ class HttpApi:
         a client reading slowly but steadily is never cut off, one that stops is, HTTP_WRITE_TIMEOUT_S later."""
         limit = self.config.http_write_timeout_s
         writing = asyncio.ensure_future(response.write(data))
+        writing.add_done_callback(_retrieved)  # however this ends (our caller cancelled too), its error is seen
         loop = asyncio.get_running_loop()
         pending, progress_at = None, loop.time()
         try:
@@ -276,7 +278,6 @@ class HttpApi:
         finally:
             if not writing.done():
                 writing.cancel()
-                writing.add_done_callback(_retrieved)
 
     def _drop(self, request: web.Request, request_id: str) -> None:
         log.warning("[%s] the client took no byte of its response for %g s (HTTP_WRITE_TIMEOUT_S): dropped",
@@ -586,12 +587,13 @@ async def _listen(api: HttpApi, config: WorkerConfig) -> list[web.AppRunner]:
 
 
 def connection_cap(wanted: int, reserved: int = 0) -> int:
-    """HTTP_MAX_CONNECTIONS, lowered to what RLIMIT_NOFILE leaves after FD_RESERVE and `reserved` (the health
-    listener's), so that the worker refuses connections before the kernel refuses it file descriptors."""
+    """HTTP_MAX_CONNECTIONS, lowered to what RLIMIT_NOFILE leaves after FD_RESERVE, `reserved` (the health
+    listener's) and MAX_REFUSING (the refusals' own sockets), so that the worker refuses connections before the
+    kernel refuses it file descriptors."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    room = wanted if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE - reserved)
+    room = wanted if soft == resource.RLIM_INFINITY else max(16, soft - FD_RESERVE - reserved - MAX_REFUSING)
     if room < wanted:
         log.warning("HTTP_MAX_CONNECTIONS=%d lowered to %d to fit the open-files limit (%d)", wanted, room, soft)
     return min(wanted, room)
@@ -663,7 +665,6 @@ _REFUSAL_BODY = json.dumps({"error": {"message": "this worker has too many open 
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY)
 REFUSAL_LINGER_S = 1.0  # a refused connection stays this long, reading (and dropping) what the client sends
-MAX_REFUSING = 256  # refused connections lingering at once; past that, closed at once
 
 
 class _Refusal(asyncio.Protocol):
