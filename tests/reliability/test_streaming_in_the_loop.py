@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import urllib.request
 from pathlib import Path
 
@@ -79,6 +80,12 @@ async def test_streamed_jobs_through_the_real_loop(tmp_path):
     assert [i["index"] for i in audio] == list(range(len(audio))) and len(audio) >= 3
     assert s.stream_at == sorted(s.stream_at) and s.stream_at[-1] <= s.done_at
     assert s.result["output"] == items  # the aggregate: every item, then the result
+    # Its size against the audio (the README's and the handler's AGGREGATE_BYTES_PER_S): base64 PCM and the keys.
+    aggregate_bytes = len(json.dumps(s.result))
+    audio_s = sum(i["duration"] for i in audio)
+    print(f"\njob-done body: {aggregate_bytes} bytes for {audio_s:.2f} s of audio "
+          f"({aggregate_bytes / audio_s:.0f} B/s)")  # fmt: skip
+    assert 64_000 * audio_s < aggregate_bytes < 64_000 * audio_s + 400 * len(items) + 2000
     joined = np.concatenate([np.frombuffer(base64.b64decode(i["audio"]), "<i2") for i in audio]) / 32767.0
     np.testing.assert_allclose(joined, stored(tmp_path, result["object_name"]), rtol=0, atol=1e-3)
     # The first audio came well before the whole job was done.
@@ -104,3 +111,23 @@ def _idle(port: int) -> bool:
                  in_flight=m.get("xtts_jobs_in_flight"))  # fmt: skip
     return m.get("xtts_running_rows") == 0 and m.get("xtts_queue_depth_requests") == 0 and \
         m.get("xtts_jobs_in_flight") == 0  # fmt: skip
+
+
+async def test_stream_aggregate_off_keeps_the_job_done_post_small(tmp_path):
+    """STREAM_AGGREGATE=off: every item, the result item included, reaches /stream, and the job-done POST carries
+    an empty output list instead of the whole stream again."""
+    async with FakeRunPod() as fake:
+        ref = put_reference(tmp_path, "voz.wav")
+        env = worker_env(fake, tmp_path, STREAMING="on", STREAM_AGGREGATE="off", METRICS_PORT=str(free_port()))
+        worker = await start_worker(fake, env, tmp_path / "worker.log")
+        try:
+            streamed = fake.enqueue(job(ref, TEXT))
+            assert await fake.wait_done([streamed], RUN_TIMEOUT_S), worker.log_text()[-3000:]
+        finally:
+            await worker.stop(10)
+    s = fake.jobs[streamed]
+    assert s.state == COMPLETED and s.result["output"] == [] and len(json.dumps(s.result)) < 100, s.result
+    items = [post["output"] for post in s.stream]
+    assert [i["type"] for i in items[:-1]] == ["audio"] * (len(items) - 1) and items[-1]["type"] == "result"
+    joined = np.concatenate([np.frombuffer(base64.b64decode(i["audio"]), "<i2") for i in items[:-1]]) / 32767.0
+    np.testing.assert_allclose(joined, stored(tmp_path, items[-1]["object_name"]), rtol=0, atol=1e-3)
