@@ -51,7 +51,6 @@ from batching import InputError, SamplingParams, SpeechRequest
 from batching.streaming import AudioChunk
 from batching.errors import JobTimeoutError
 from server.config import WorkerConfig
-from server.logtext import printable
 from server.metrics import Metrics
 from server.validation import TTSRequest, ValidationError, error_output, validate_request
 from storage import StorageInputError, decode_reference_async, encode_async, store_result
@@ -113,9 +112,9 @@ class HandlerContext:
 
 
 def _preview(text: str) -> str:
-    """The start of a caller's text for the log: one line, control characters and surrogates escaped."""
+    """The start of a caller's text for the log, on one line (server.logtext escapes what it still holds)."""
     flat = " ".join(text.split())
-    return printable(flat if len(flat) <= TEXT_PREVIEW_CHARS else flat[: TEXT_PREVIEW_CHARS - 3] + "...")
+    return flat if len(flat) <= TEXT_PREVIEW_CHARS else flat[: TEXT_PREVIEW_CHARS - 3] + "..."
 
 
 def _is_client_error(exc: BaseException) -> bool:
@@ -362,8 +361,7 @@ class TTSHandler:
         jlog.info("[%s] text: %s (%d chars)", job_id, _preview(request.gen_text), len(request.gen_text))
         jlog.info(
             "[%s] voice_id: %s | language: %s | format: %s | reference: %s",
-            job_id, request.voice_id, request.language, request.output_format,
-            printable(redact_url(request.ref_audio_url)),
+            job_id, request.voice_id, request.language, request.output_format, redact_url(request.ref_audio_url),
         )  # fmt: skip
         jlog.info(
             "[%s] parameters: temp=%s, speed=%s, top_k=%s, top_p=%s, repetition_penalty=%s, seed=%s",

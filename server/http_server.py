@@ -16,7 +16,7 @@ worker_shutting_down while draining), capacity (at most MAX_CONCURRENCY requests
 429 over_capacity at once, with `Retry-After: 1`, never queued: a load-balancing endpoint has no queue, and a
 client or RunPod's balancer should try again, here or on another worker), and the body (MAX_BODY_BYTES: 413
 request_too_large; not all there within HTTP_READ_TIMEOUT_S: 408 request_timeout; not JSON, nested deeper than
-MAX_JSON_DEPTH or with a number longer than MAX_JSON_NUMBER_CHARS, both checked before parsing: 400 invalid_json). Errors are OpenAI's error body (server.openai_api.error_body);
+MAX_JSON_DEPTH or with a number longer than MAX_JSON_NUMBER_CHARS (parse_json_body): 400 invalid_json). Errors are OpenAI's error body (server.openai_api.error_body);
 every answer carries `X-Request-Id`, the job id in the worker's log.
 
 POST /v1/audio/speech answers:
@@ -73,11 +73,12 @@ from aiohttp import web
 
 from batching import SpeechResult
 from batching.streaming import AudioChunk
-from server.config import VOICE_PLACEHOLDER, WorkerConfig
-from server.logtext import printable
+from server.config import WorkerConfig
 from server.handler import HandlerContext, TTSHandler
 from server.metrics import Metrics
-from server.openai_api import REF_FORBIDDEN, ApiError, SpeechCall, error_body, error_body_from_output, speech_call
+from server.openai_api import (
+    ApiError, SpeechCall, error_body, error_body_from_output, speech_call, voice_reference,
+)
 from server.speech_formats import FORMATS, StreamEncoder, encode_whole_async
 from server.validation import ValidationError
 
@@ -301,20 +302,15 @@ class HttpApi:
         return parse_json_body(raw)
 
     def _tts_input(self, body: object) -> object:
-        """POST /tts's job input: with HTTP_REF_AUDIO_URL=off, only the voice's own reference (from
-        VOICE_REF_URL_TEMPLATE) may be named; a missing ref_audio_url is the template's when there is one."""
-        template = self.config.voice_ref_url_template
-        if not isinstance(body, dict) or not isinstance(body.get("voice_id"), str) or template is None:
-            if isinstance(body, dict) and not self.config.http_ref_audio_url and body.get("ref_audio_url") is not None:
-                raise _ref_forbidden()
-            return body
-        own = template.replace(VOICE_PLACEHOLDER, body["voice_id"])
-        given = body.get("ref_audio_url")
-        if given is None:
-            return {**body, "ref_audio_url": own}
-        if not self.config.http_ref_audio_url and given != own:
-            raise _ref_forbidden()
-        return body
+        """POST /tts's job input, its reference chosen as /v1/audio/speech chooses it (openai_api.voice_reference):
+        a missing ref_audio_url is the voice's template URL; with HTTP_REF_AUDIO_URL=off no other is accepted."""
+        if not isinstance(body, dict):
+            return body  # the validation names what is wrong
+        voice = body.get("voice_id")
+        url = voice_reference(voice if isinstance(voice, str) else "", body.get("ref_audio_url"),
+                              template=self.config.voice_ref_url_template if isinstance(voice, str) else None,
+                              allow_override=self.config.http_ref_audio_url)  # fmt: skip
+        return body if url is None else {**body, "ref_audio_url": url}
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: web.Request) -> AsyncIterator[str]:
@@ -360,8 +356,9 @@ class HttpApi:
         try:
             response = await handler(request)
         except ApiError as exc:
-            log.info("[%s] %s %s refused: %s %s", request_id, request.method, printable(request.path[:200]),
-                     exc.error_code, printable(str(exc)[:300]))  # fmt: skip
+            # Short: a caller controls the path and parts of the message (server.logtext escapes them).
+            log.info("[%s] %s %s refused: %s %s", request_id, request.method, request.path[:200], exc.error_code,
+                     str(exc)[:300])  # fmt: skip
             if self.metrics:
                 self.metrics.http_refusals.labels(code=exc.error_code).inc()
             response = _error_response(exc)
@@ -432,10 +429,6 @@ def _retrieved(task: asyncio.Future) -> None:
     """A cancelled write's task: its exception (the client's reset) is seen, not logged as never retrieved."""
     if not task.cancelled():
         task.exception()
-
-
-def _ref_forbidden() -> ValidationError:
-    return ValidationError(REF_FORBIDDEN, error_code="ref_audio_forbidden", field="ref_audio_url")
 
 
 def _from_aiohttp(exc: web.HTTPException) -> ApiError:
@@ -642,9 +635,8 @@ class _CappedSite(web.TCPSite):
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_EVERY_S:
-            log.warning("%d connection(s) refused in %s: %d open, HTTP_MAX_CONNECTIONS reached", self._refused_since_log,
-                        "the last %g s" % REFUSAL_LOG_EVERY_S if self._logged_at > -math.inf else "a burst",
-                        self.open)  # fmt: skip
+            log.warning("%d connection(s) refused since the last such line: %d open, HTTP_MAX_CONNECTIONS reached",
+                        self._refused_since_log, self.open)  # fmt: skip
             self._logged_at, self._refused_since_log = now, 0
 
 

@@ -157,11 +157,8 @@ def speech_call(
     response_format = _choice(body, "response_format", RESPONSE_FORMATS, DEFAULT_RESPONSE_FORMAT)
     stream_format = _choice(body, "stream_format", STREAM_FORMATS, "audio")
     voice = _voice(body)
-    ref_audio_url = body.get("ref_audio_url")
-    if ref_audio_url is not None and not allow_ref_audio_url:
-        own = voice_template.replace(VOICE_PLACEHOLDER, voice) if voice_template else None
-        if ref_audio_url != own:
-            raise ValidationError(REF_FORBIDDEN, error_code="ref_audio_forbidden", field="ref_audio_url")
+    ref_audio_url = voice_reference(voice, body.get("ref_audio_url"), template=voice_template,
+                                    allow_override=allow_ref_audio_url)  # fmt: skip
     if ref_audio_url is None:
         if voice_template is None:
             raise ValidationError(
@@ -169,7 +166,6 @@ def speech_call(
                 "reference audio; send its URL as ref_audio_url (the OpenAI client: extra_body={\"ref_audio_url\": "
                 "...})", error_code="missing_field", field="ref_audio_url",
             )  # fmt: skip
-        ref_audio_url = voice_template.replace(VOICE_PLACEHOLDER, voice)
     job_input = {
         "gen_text": body.get("input"), "ref_audio_url": ref_audio_url, "voice_id": voice, "speed": body.get("speed"),
         **{name: body[name] for name in EXTRA_FIELDS if name != "ref_audio_url" and name in body},
@@ -181,6 +177,18 @@ def speech_call(
     # The response's format, for the job's log line (nothing is stored, so the seed's output_format plays no part).
     request = dataclasses.replace(request, output_format=response_format)
     return SpeechCall(request, response_format, stream_format, model)
+
+
+def voice_reference(voice: str, given: Any, *, template: str | None, allow_override: bool) -> Any:
+    """The reference URL a request of `voice` uses, for both routes: its own `ref_audio_url` (`given`), or the
+    voice's from VOICE_REF_URL_TEMPLATE when it names none (None when there is no template either). With
+    HTTP_REF_AUDIO_URL=off (`allow_override` False), a `given` other than the voice's own is refused."""
+    own = template.replace(VOICE_PLACEHOLDER, voice) if template is not None else None
+    if given is None:
+        return own
+    if not allow_override and given != own:
+        raise ValidationError(REF_FORBIDDEN, error_code="ref_audio_forbidden", field="ref_audio_url")
+    return given
 
 
 def _in_openai_terms(exc: ValidationError) -> ValidationError:
