@@ -10,7 +10,7 @@ checkpoint, a device and a reference voice.
 from importlib import import_module
 
 _EXPORTS = {
-    "SamplingParams": "batching.engine",
+    "SamplingParams": "batching.params",
     "TextAudio": "batching.engine",
     "VoiceLatents": "batching.engine",
     "XttsEngine": "batching.engine",

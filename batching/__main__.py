@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 
+from batching.params import SAMPLING_DEFAULTS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m batching", description=__doc__.split("\n\n")[0])
@@ -19,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", required=True)
     parser.add_argument("--language", default="pt")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS.temperature)
+    parser.add_argument("--speed", type=float, default=SAMPLING_DEFAULTS.speed)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("-o", "--output", default="output.wav")
     ns = parser.parse_args(argv)

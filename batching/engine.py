@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextError
 from batching.languages import CHAR_LIMITS, normalize_language
+from batching.params import SamplingParams
 from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
 from batching.text import split_text
 from batching.vocoder import RowVocoder
@@ -48,23 +49,6 @@ from batching.vocoder import RowVocoder
 # Fade applied on both sides of each join between two segments of one request, so that the step between the
 # last sample of one and the first of the next does not click.
 JOIN_FADE_S = 0.005
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-row decoding parameters. `seed=None` draws a fresh seed; `do_sample=False` is greedy (tests)."""
-
-    temperature: float = 0.75
-    top_k: int = 50
-    top_p: float = 0.85
-    repetition_penalty: float = 5.0
-    speed: float = 1.0
-    seed: int | None = None
-    do_sample: bool = True
-    # Row length limits in audio tokens. The stop token cannot come before min_new_tokens; a row ends after
-    # max_new_tokens (None: the model's maximum, or the engine's length rule when neither is set).
-    min_new_tokens: int = 0
-    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ Input contract (the seed's payload, checked strictly):
     voice_id            str, required; 1..128 letters, digits, '.', '_' or '-', starting with a letter or digit
                         (storage.urls.validate_voice_id: the one definition, message included)
     language            str, default DEFAULT_LANGUAGE; one of batching.languages.SUPPORTED_LANGUAGES, any case
-    temperature         number 0.1..1.0, default 0.7
+    temperature         number 0.1..1.0, default 0.7 (every default here is batching.params.SAMPLING_DEFAULTS)
     speed               number 0.5..2.0, default 1.0
     top_k               integer >= 1 (at most 2**31-1), default 50
     top_p               number, 0 < top_p <= 1, default 0.85
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batching.languages import SUPPORTED_LANGUAGES, normalize_language
+from batching.params import SAMPLING_DEFAULTS
 from server.errors import CODE_PATTERN, format_error
 from storage.audio import SUPPORTED_OUTPUT_FORMATS
 from storage.errors import InvalidVoiceIdError
@@ -73,11 +74,11 @@ class TTSRequest:
     ref_audio_url: str
     voice_id: str
     language: str = "pt"
-    temperature: float = 0.7
-    speed: float = 1.0
-    top_k: int = 50
-    top_p: float = 0.85
-    repetition_penalty: float = 5.0
+    temperature: float = SAMPLING_DEFAULTS.temperature
+    speed: float = SAMPLING_DEFAULTS.speed
+    top_k: int = SAMPLING_DEFAULTS.top_k
+    top_p: float = SAMPLING_DEFAULTS.top_p
+    repetition_penalty: float = SAMPLING_DEFAULTS.repetition_penalty
     seed: int | None = None
     output_format: str = "wav"
     stream: bool = True  # STREAMING=on: false gives only the result (ignored when the worker does not stream)
@@ -268,11 +269,11 @@ def validate_request(
         ref_audio_url=_required_string(job_input, "ref_audio_url"),
         voice_id=_voice_id(job_input),
         language=_language(job_input, default_language),
-        temperature=_number(job_input, "temperature", 0.7, 0.1, 1.0),
-        speed=_number(job_input, "speed", 1.0, 0.5, 2.0),
-        top_k=_integer(job_input, "top_k", 50, 1, MAX_TOP_K, allow_float=True),
-        top_p=_number(job_input, "top_p", 0.85, 0.0, 1.0, low_open=True),
-        repetition_penalty=_number(job_input, "repetition_penalty", 5.0, 1.0, 20.0),
+        temperature=_number(job_input, "temperature", SAMPLING_DEFAULTS.temperature, 0.1, 1.0),
+        speed=_number(job_input, "speed", SAMPLING_DEFAULTS.speed, 0.5, 2.0),
+        top_k=_integer(job_input, "top_k", SAMPLING_DEFAULTS.top_k, 1, MAX_TOP_K, allow_float=True),
+        top_p=_number(job_input, "top_p", SAMPLING_DEFAULTS.top_p, 0.0, 1.0, low_open=True),
+        repetition_penalty=_number(job_input, "repetition_penalty", SAMPLING_DEFAULTS.repetition_penalty, 1.0, 20.0),
         seed=_integer(job_input, "seed", None, 0, MAX_SEED, allow_float=False),
         output_format=_output_format(job_input, default_output_format),
         stream=_boolean(job_input, "stream", True),
