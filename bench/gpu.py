@@ -8,15 +8,18 @@ order they run:
 1. equivalence: float32 greedy codes of the batched engine (one left-padded batch of different texts) against
    stock `Xtts.inference`, one text at a time, on a model loaded as coqui loads it (the seed's path); the
    waveforms' largest difference (TF32 off for this section);
-2. throughput: the seed's path (conditioning from the file + stock `Xtts.inference`, one request at a time) and the
+2-4. the stack (bench/gpu_stack.py): first_audio (Scheduler.stream at c1), load (bursts and open-loop loads at
+   c32 and c64, continuous then static, 1 in 6 streamed), step (ms per decoding step at 1-64 rows). The load
+   points leave STACK_LEAVES_S of the budget to the sections after them;
+5. throughput: the seed's path (conditioning from the file + stock `Xtts.inference`, one request at a time) and the
    batched engine (cached latents, the engine's default precision) at each batch size, in ABBA order, reusing
    bench/engine_bench.py's paths: audio-seconds per second, the ratio to the seed, the vocoder's share, the peak GPU
    memory of each point. Static batches: continuous batching has not landed. It leaves LATER_SECTIONS_S seconds
    of the budget to the next two;
-3. vocoder: batched HiFi-GAN (one padded call) against one row at a time, on the same decoded latents;
-4. half_precision: the engine's GPT under fp16 / bf16 autocast against float32: share of identical greedy codes,
+6. vocoder: batched HiFi-GAN (one padded call) against one row at a time, on the same decoded latents;
+7. half_precision: the engine's GPT under fp16 / bf16 autocast against float32: share of identical greedy codes,
    waveform difference, and speed of a sampled batch (ABBA);
-5. recommendation: MAX_BATCH_SIZE and XTTS_VOCODER_BATCHING for this card, by the rules stated in the report.
+8. recommendation: MAX_BATCH_SIZE and XTTS_VOCODER_BATCHING for this card, by the rules stated in the report.
 
 The report (gpu-report.json, gpu-report.md) is rewritten after every section, so a killed run leaves what it had.
 When the budget runs short, the remaining measurements are skipped and named as such, and the report is written.
@@ -39,13 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import engine_bench
+from bench import engine_bench, gpu_stack
 from testing.stock_reference import stock_inference
 
 KIT_VERSION = 1
-SECTIONS = ("equivalence", "throughput", "vocoder", "half_precision", "recommendation")
+SECTIONS = ("equivalence", "first_audio", "load", "step", "throughput", "vocoder", "half_precision", "recommendation")
 # Seconds the throughput section leaves for the sections after it (they are short; throughput takes the rest).
 LATER_SECTIONS_S = 60.0
+# Seconds the load points leave for the step section and the engine sections after it.
+STACK_LEAVES_S = 150.0
 # Rules of the recommendation, stated in the report.
 THROUGHPUT_SHARE = 0.90  # the smallest batch reaching this share of the best measured throughput ...
 MEMORY_MARGIN = 2.0  # ... whose memory above the loaded model, times this, still fits the card
@@ -434,8 +439,8 @@ def throughput(ctx) -> dict:
     return {
         "status": "ok" if done else "skipped",
         **({} if done else {"skipped": "time budget: no point ran"}),
-        "what": "each point run forward then backward (ABBA) and summed; static batches (continuous batching has "
-        "not landed); the engine at its default precision on this device "
+        "what": "each point run forward then backward (ABBA) and summed; whole static batches through engine.generate "
+        "(the worker's scheduler is measured by the load section); the engine at its default precision on this device "
         f"({_dtype_name(engine.gpt_dtype)}), vocoder {'batched' if engine.vocoder_batched else 'per row'}; the "
         f"seed path on its own model in float32, over {args.stock_requests} requests; each batched point over "
         f"max(2 x batch, {args.min_requests}) requests of the same mix; peak memory: torch.cuda.max_memory_allocated, "
@@ -499,6 +504,7 @@ def recommendation(ctx, report: dict) -> dict:
             notes.append(f"{name}: {h['speedup']:.2f}x float32's speed, "
                          f"{h['identical_code_share']:.1%} of greedy codes identical")  # fmt: skip
     out["XTTS_GPT_DTYPE_evidence"] = "; ".join(notes) or "skipped"
+    out["targets"] = gpu_stack.targets(sections)
     out["status"] = "ok" if out["MAX_BATCH_SIZE"] is not None or out["XTTS_VOCODER_BATCHING"] is not None else "skipped"
     if out["status"] == "skipped":
         out["skipped"] = "no measurement to derive it from"
@@ -519,6 +525,12 @@ class Context:
         self.times: dict[str, float] = {}
         self.engine = self.stock = self.device = self.latents = self.refs = None
         self.total_memory = None
+        self.report: dict | None = None  # rewritten by checkpoint() inside a long section
+
+    def checkpoint(self) -> None:
+        if self.report is not None:
+            self.report["elapsed_s"] = self.budget.elapsed()
+            write_report(self.args.out, self.report)
 
     def learn(self, key: str, seconds: float) -> None:
         self.times[key] = seconds
@@ -615,15 +627,18 @@ def run(args) -> dict:
         report["setup"]["conditioning_s_per_voice"] = (time.perf_counter() - t0) / len(ctx.refs)
         write_report(args.out, report)
 
-        estimates = {"equivalence": 30.0, "throughput": 60.0 + LATER_SECTIONS_S, "vocoder": 20.0,
-                     "half_precision": 30.0}
+        estimates = {"equivalence": 30.0, "first_audio": 15.0, "load": 30.0 + STACK_LEAVES_S, "step": 10.0,
+                     "throughput": 60.0 + LATER_SECTIONS_S, "vocoder": 20.0, "half_precision": 30.0}
+        sections = {"first_audio": gpu_stack.first_audio, "step": gpu_stack.step,
+                    "load": lambda ctx: gpu_stack.load(ctx, leave_s=STACK_LEAVES_S)}
+        ctx.report = report
         for name in SECTIONS[:-1]:
             if not budget.allows(ctx.estimate(name, estimates[name])):
                 report["sections"][name] = {"status": "skipped", "skipped": f"time budget ({budget.left():.0f} s left)"}
                 continue
             t0 = time.perf_counter()
             try:
-                report["sections"][name] = globals()[name](ctx)
+                report["sections"][name] = sections.get(name, globals().get(name))(ctx)
             except Exception as exc:  # noqa: BLE001 - one failing section must not lose the others
                 report["sections"][name] = {
                     "status": "error", "skipped": f"{type(exc).__name__}: {exc}",
@@ -685,6 +700,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['text'][:40]} | {r['language']} | {r['tokens']} | {r['codes_identical']} | "
                          f"{_f(r['first_divergence'], 'd')} | {r['max_abs_wave_diff']:.2e} |")  # fmt: skip
         lines.append("")
+    lines += gpu_stack.markdown(s, skipped)
     if not skipped("throughput"):
         t = s["throughput"]
         lines += ["## Throughput", "", t["what"] + ".", "",
@@ -739,6 +755,7 @@ def markdown(report: dict) -> str:
                   f"{r['rules']['XTTS_VOCODER_BATCHING']}.",
                   f"- GPT precision evidence: {r['XTTS_GPT_DTYPE_evidence']} (a random-weight model: code agreement "
                   "says nothing about speech quality).", ""]  # fmt: skip
+        lines += gpu_stack.targets_markdown(r["targets"])
     return "\n".join(lines)
 
 
@@ -764,10 +781,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-tokens-per-char", type=float,
                         help="a demo model's segment length rule (default: the checkpoint's, 1.4); less: a quicker run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--first-audio-reps", type=int, default=3, help="repetitions of each first-audio text")
+    parser.add_argument("--load-concurrency", default="32,64", help="concurrencies of the load points")
+    parser.add_argument("--step-rows", default="1,8,32,64", help="row counts of the decoding-step timings")
+    parser.add_argument("--step-history", type=int, default=500, help="audio positions each row holds first")
+    parser.add_argument("--step-warmup", type=int, default=3)
+    parser.add_argument("--step-steps", type=int, default=30, help="steps timed at each row count")
     ns = parser.parse_args(argv)
     ns.argv = list(argv if argv is not None else sys.argv[1:])
     ns.batch_sizes = [int(b) for b in ns.batch_sizes.split(",") if b]
     ns.vocoder_batch_sizes = [int(b) for b in ns.vocoder_batch_sizes.split(",") if b]
+    ns.load_concurrency = [int(c) for c in ns.load_concurrency.split(",") if c]
+    ns.step_rows = [int(n) for n in ns.step_rows.split(",") if n]
     return ns
 
 

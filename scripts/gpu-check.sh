@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU run kit, on the lent GPU machine: installs the carried wheels (.gpu-wheels/, made here by
 # scripts/gpu-wheels.sh) into a folder of their own, puts it first on PYTHONPATH (so transformers 5.23.0 shadows the
-# machine's 5.17), and runs the engine benchmark, within a time budget:
+# machine's 5.17), and runs the kit (python -m bench.gpu: the scheduler, then the engine), within a time budget:
 #
 #     bash scripts/gpu-check.sh OUT_DIR [more python -m bench.gpu options]
 #

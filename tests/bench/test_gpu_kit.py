@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 
 WHEELS_SH = ROOT / "scripts" / "gpu-wheels.sh"
 CHECK_SH = ROOT / "scripts" / "gpu-check.sh"
-SECTIONS = ("equivalence", "half_precision", "vocoder", "throughput", "recommendation")
+SECTIONS = ("equivalence", "first_audio", "load", "step", "half_precision", "vocoder", "throughput", "recommendation")
 
 # The GPU machine's Python packages (nvidia-h200, as read there on 2026-11-17: the device tool's KINDS.md).
 GPU_MACHINE_PACKAGES = """
@@ -88,7 +88,8 @@ finally:
 DRY_RUN = ["--device", "cpu", "--size", "tiny", "--batch-sizes", "1,2", "--vocoder-batch-sizes", "2",
            "--stock-requests", "1", "--min-requests", "2", "--equivalence-texts", "2", "--half-rows", "2",
            "--voices", "1", "--ref-seconds", "2", "--short", "--demo-tokens-per-char", "0.25",
-           "--budget-s", "600"]  # fmt: skip
+           "--first-audio-reps", "1", "--load-concurrency", "2", "--step-rows", "1,2", "--step-history", "4",
+           "--step-steps", "2", "--budget-s", "600"]  # fmt: skip
 
 
 def _numbers_or_skipped(item: dict) -> bool:
@@ -126,6 +127,29 @@ def test_dry_run_on_cpu_writes_every_section_within_the_gpu_machines_packages(tm
     (point,) = s["vocoder"]["points"]
     assert point["batch_size"] == 2 and point["batched_s"] > 0 and point["per_row_s"] > 0
 
+    for text in ("paragraph", "short_sentence"):  # first audio at c1: streamed beside whole, same seed
+        a = s["first_audio"][text]
+        assert len(a["runs"]["streamed"]) == len(a["runs"]["whole"]) == 1
+        assert 0 < a["first_audio_p50_s"] <= a["streamed_total_p50_s"] and a["whole_latency_p50_s"] > 0
+        assert a["audio_s"] > 0 and a["rtf_c1"] > 0
+    assert s["first_audio"]["paragraph"]["chars"] > 200 > s["first_audio"]["short_sentence"]["chars"]
+
+    points = s["load"]["points"]  # c2: a burst and an open loop, each continuous then static
+    assert [(p["kind"], p["scheduling"]) for p in points] == [
+        ("burst", "continuous"), ("burst", "static"), ("open_loop", "continuous"), ("open_loop", "static")]
+    for p in points:
+        assert p["requests"] == 4 and p["n_errors"] == 0 and p["streamed"] == 1, p  # 1 in 6: request 0
+        assert p["audio_s_per_s"] > 0 and p["latency_p50_s"] <= p["latency_p95_s"]
+        assert 0 < p["stream_first_audio_p50_s"] <= p["latency_p95_s"] and p["peak_gpu_mem_mib"] is None
+    assert points[2]["arrival_rate_per_s"] == pytest.approx(0.9 * points[0]["requests_per_s"])
+    assert set(s["load"]["continuous_over_static"]) == {"c2_burst", "c2_open_loop"}
+
+    steps = s["step"]["rows"]
+    assert [(r["path"], r["rows"]) for r in steps] == [("eager", 1), ("eager", 2)]
+    for r in steps:
+        assert r["steps"] == 2 and 0 < r["ms_per_step_min"] <= r["ms_per_step_p50"] and r["kv_positions_per_row"] > 4
+    assert steps[1]["audio_s_per_step"] == pytest.approx(2 * steps[0]["audio_s_per_step"])
+
     rows = s["throughput"]["rows"]
     assert [(r["path"].split()[0], r["batch_size"]) for r in rows] == [("seed", 1), ("batched", 1), ("batched", 2)]
     for r in rows:
@@ -137,7 +161,12 @@ def test_dry_run_on_cpu_writes_every_section_within_the_gpu_machines_packages(tm
     rec = s["recommendation"]
     assert rec["MAX_BATCH_SIZE"] in (1, 2) and rec["XTTS_VOCODER_BATCHING"] in ("batched", "per_row")
     assert "MAX_BATCH_SIZE" in rec["rules"] and "XTTS_VOCODER_BATCHING" in rec["rules"]
-    for heading in ("Equivalence", "Half precision", "Vocoder", "Throughput", "Recommendation"):
+    targets = rec["targets"]
+    assert targets["step_ms_1_row"]["measured"] == steps[0]["ms_per_step_p50"]
+    assert targets["step_ms_64_rows"]["measured"] is None and targets["step_ms_64_rows"]["met"] is None
+    assert targets["first_audio_c1_s"]["measured"] == s["first_audio"]["paragraph"]["first_audio_p50_s"]
+    for heading in ("Equivalence", "First audio at c1", "Load: continuous against static", "Decoding step",
+                    "Half precision", "Vocoder", "Throughput", "Recommendation", "Issue #24's targets"):
         assert f"## {heading}" in md
     assert f"`MAX_BATCH_SIZE={rec['MAX_BATCH_SIZE']}`" in md
     assert took < 240, f"the dry run took {took:.0f} s"
