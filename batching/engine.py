@@ -39,16 +39,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from batching.audio import join_segments
 from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextError
 from batching.languages import CHAR_LIMITS, normalize_language
 from batching.params import SamplingParams
 from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
 from batching.text import split_text
 from batching.vocoder import RowVocoder
-
-# Fade applied on both sides of each join between two segments of one request, so that the step between the
-# last sample of one and the first of the next does not click.
-JOIN_FADE_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -102,30 +99,6 @@ class TextAudio:
     @property
     def duration_s(self) -> float:
         return len(self.wav) / self.sample_rate
-
-
-def fade(wav: np.ndarray, n: int, *, head: bool, tail: bool) -> np.ndarray:
-    """A copy of `wav` with a raised-cosine fade-in over its first `n` samples (`head`) and/or a fade-out over its
-    last `n` (`tail`); `n` <= len(wav)."""
-    if n <= 0 or not (head or tail):
-        return wav
-    wav = wav.copy()
-    ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, n, dtype=np.float64))).astype(np.float32)
-    if head:
-        wav[:n] *= ramp
-    if tail:
-        wav[-n:] *= ramp[::-1]
-    return wav
-
-
-def join_segments(wavs: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
-    """Concatenate segment waveforms with a short fade on each side of every inner join (at most half a segment)."""
-    if not wavs:
-        return np.zeros(0, dtype=np.float32)
-    n = int(JOIN_FADE_S * sample_rate)
-    last = len(wavs) - 1
-    faded = [fade(w, min(n, len(w) // 2), head=i > 0, tail=i < last) for i, w in enumerate(wavs)]
-    return np.concatenate(faded).astype(np.float32)
 
 
 class XttsEngine:
@@ -370,7 +343,7 @@ class XttsEngine:
         if self.device.type == "cpu":
             _trim_heap()
 
-    def _prefix(self, segment: Segment) -> torch.Tensor:
+    def prefix(self, segment: Segment) -> torch.Tensor:
         """[P, width]: conditioning latents, then start + text + stop token embeddings with their positions."""
         gpt = self.model.gpt
         ids = torch.tensor([gpt.start_text_token, *segment.tokens, gpt.stop_text_token], device=self.device)
@@ -411,7 +384,8 @@ class XttsEngine:
             frames = math.floor(frames * (decoder.output_sample_rate / decoder.input_sample_rate))
         return frames * decoder.output_hop_length
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context of the GPT decode (XTTS_GPT_DTYPE); a no-op context for float32."""
         if self.gpt_dtype is None:
             import contextlib
 

@@ -111,7 +111,7 @@ class RunningBatch:
 
         e = self.engine
         gpt, dev = e.model.gpt, e.device
-        prefixes = [e._prefix(s) for s in segments]
+        prefixes = [e.prefix(s) for s in segments]
         b, width = len(prefixes), prefixes[0].shape[1]
         p_max = max(p.shape[0] for p in prefixes)
         x = torch.zeros(b, p_max, width, device=dev)
@@ -120,7 +120,7 @@ class RunningBatch:
             x[i, p_max - p.shape[0] :] = p
             mask[i, p_max - p.shape[0] :] = 1
         cache = DynamicCache(config=gpt.gpt.config)
-        with e._autocast():
+        with e.autocast():
             gpt.gpt(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True)
 
         limits = [e.row_limits(s) for s in segments]
@@ -188,7 +188,7 @@ class RunningBatch:
         pos = t["pos"]
         x = gpt.mel_embedding(t["next_tok"]) + gpt.mel_pos_embedding.emb.weight[pos]
         self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=self.mask.dtype, device=dev)], dim=1)
-        with e._autocast():
+        with e.autocast():
             out = gpt.gpt(inputs_embeds=x[:, None, :], attention_mask=self.mask, past_key_values=self.cache,
                           use_cache=True)  # fmt: skip
             h = gpt.final_norm(out.last_hidden_state[:, -1]).float()

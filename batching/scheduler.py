@@ -56,7 +56,8 @@ import numpy as np
 import torch
 
 from batching import policy
-from batching.engine import SamplingParams, Segment, SegmentAudio, TextSegment, VoiceLatents, join_segments
+from batching.audio import join_segments
+from batching.engine import SamplingParams, Segment, SegmentAudio, TextSegment, VoiceLatents
 from batching.running import StepOutput, row_seed
 from batching.streaming import AudioChunk, StreamJoiner
 from batching.errors import BatchError, EngineError, FatalEngineError, JobTimeoutError, OutOfMemoryError

@@ -2,7 +2,7 @@
 
 The scheduler vocodes a streamed request's rows span by span (batching.vocoder) and hands each span here, with its
 segment's index. `StreamJoiner` puts them in order (a later segment that finished first waits for the ones before
-it), applies the fades `batching.engine.join_segments` puts at every join between two segments, and gives out
+it), applies the fades `batching.audio.join_segments` puts at every join between two segments, and gives out
 what is ready as `AudioChunk`s. The chunks of a request, concatenated, are the request's audio: the scheduler
 returns exactly that concatenation as the result, so the stored file and the stream are the same samples.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batching.engine import JOIN_FADE_S, fade
+from batching.audio import JOIN_FADE_S, fade
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,7 +9,7 @@ import pytest
 from batching import policy
 from batching.engine import SamplingParams, Segment
 from testing.stock_reference import stock_inference
-from tests.batching.test_engine import WAVEFORM_TOLERANCE
+from testing.tolerances import WAVEFORM_TOLERANCE
 from tests.conftest import synthetic_voice
 
 GREEDY = SamplingParams(do_sample=False)

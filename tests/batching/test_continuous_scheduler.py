@@ -3,97 +3,17 @@ boundaries, finished rows are vocoded between steps (the shortest first), gone r
 failures stay small. And with the real engine: a seeded request gives the same audio continuous and static."""
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
-import torch
 
 from batching.engine import SamplingParams
 from batching.errors import BatchError, FatalEngineError
 from batching.latents import LatentCache
-from batching.running import FinishedRow, StepOutput
 from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
-from tests.batching.test_engine import WAVEFORM_TOLERANCE
+from testing.fake_engine import FakeStepEngine, request, settle
+from testing.tolerances import WAVEFORM_TOLERANCE
 from tests.batching.conftest import Clock
-from tests.batching.test_scheduler import FakeEngine, reference, request, settle
-
-
-class FakeStepEngine(FakeEngine):
-    """A row of text t runs len(t) steps. FAIL in a row makes every step holding it raise, FATAL a CUDA error,
-    NAN gives non-finite audio, and a step of more than `oom_above` rows runs out of memory. `step_s` and
-    `vocode_s` slow the calls down; every call is recorded."""
-
-    supports_steps = True
-    max_row_positions = 1000
-
-    def __init__(self, oom_above=None, step_s=0.0, vocode_s=0.0):
-        super().__init__(oom_above)
-        self.step_s, self.vocode_s = step_s, vocode_s
-        self.rows: dict = {}  # key -> [segment, text, tokens so far]
-        self.admitted: list[list[str]] = []
-        self.steps: list[list[str]] = []
-        self.evicted: list[str] = []
-        self.vocoded: list[str] = []
-
-    def reserve_positions(self, segment):
-        return 10 + len(self._texts[segment.tokens])
-
-    def admit(self, keys, segments):
-        texts = [self._texts[s.tokens] for s in segments]
-        self.admitted.append(texts)
-        for key, segment, text in zip(keys, segments, texts, strict=True):
-            self.rows[key] = [segment, text, 0]
-
-    def step(self):
-        self.threads.add(__import__("threading").current_thread().name)
-        time.sleep(self.step_s)
-        texts = [row[1] for row in self.rows.values()]
-        self.steps.append(texts)
-        if self.oom_above is not None and len(texts) > self.oom_above:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if any("FATAL" in t for t in texts):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        if any("FAIL" in t for t in texts):
-            raise ValueError("this row is broken")
-        keys = tuple(self.rows)
-        finished = []
-        for key in keys:
-            row = self.rows[key]
-            row[2] += 1
-            if row[2] >= len(row[1]):
-                finished.append(FinishedRow(key, row[0], np.arange(row[2]), None))
-                del self.rows[key]
-        return StepOutput(keys, tuple(0 for _ in keys), finished)
-
-    def evict(self, keys):
-        dropped = [k for k in keys if k in self.rows]
-        for k in dropped:
-            self.evicted.append(self.rows.pop(k)[1])
-        return dropped
-
-    def reset(self):
-        self.rows.clear()
-
-    @property
-    def running(self):
-        return tuple(self.rows)
-
-    @property
-    def kv_positions(self):
-        return sum(10 + row[2] for row in self.rows.values())
-
-    def vocode(self, rows):
-        time.sleep(self.vocode_s)
-        out = []
-        for f in rows:
-            text = self._texts[f.segment.tokens]
-            self.vocoded.append(text)
-            wav = np.full(len(text), 0.1, dtype=np.float32)
-            if "NAN" in text:
-                wav[0] = np.nan
-            out.append(wav)
-        return out
 
 
 class Recorder(Observer):

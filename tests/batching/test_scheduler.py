@@ -1,113 +1,20 @@
 """The scheduler with a fake engine and a hand-moved clock: grouping, caps, order, cancellation, failures."""
 
 import asyncio
-import threading
 
-import numpy as np
 import pytest
-import torch
 
-from batching.engine import SamplingParams, SegmentAudio, TextSegment, VoiceLatents
 from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
 from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
+from testing.fake_engine import SAMPLES_PER_CHAR, FakeEngine, request, settle, spoken
 from tests.batching.conftest import Clock
-
-SAMPLES_PER_CHAR = 11  # wider than twice the 5 ms join fade at 1000 Hz: each run's middle sample is never faded
-
-
-def char_value(c: str) -> float:
-    return ord(c) / 1024.0
-
-
-def spell(text: str) -> np.ndarray:
-    """The fake engine's audio for `text`: one run of SAMPLES_PER_CHAR samples per character, its level the
-    character's code."""
-    return np.repeat(np.array([char_value(c) for c in text], dtype=np.float32), SAMPLES_PER_CHAR)
-
-
-def spoken(wav: np.ndarray) -> str:
-    """The text a (joined) fake waveform spells: the middle sample of each run, which a join's fade never
-    touches. A wrong join order, a lost or doubled segment, or another request's audio all read differently."""
-    assert len(wav) % SAMPLES_PER_CHAR == 0, len(wav)
-    middles = np.asarray(wav, dtype=np.float64)[SAMPLES_PER_CHAR // 2:: SAMPLES_PER_CHAR]
-    return "".join(chr(round(v * 1024.0)) for v in middles)
-
-
-class FakeEngine:
-    """Segments are the text split on '|'; a row's audio spells its text (`spell`: a run of samples per
-    character, read back with `spoken`).
-
-    A segment containing FAIL raises, NAN gives non-finite audio, FATAL raises a CUDA error, and a batch larger
-    than `oom_above` raises an out-of-memory error. Every batch and every conditioning is recorded, and `gate`
-    can hold the engine thread inside a batch.
-    """
-
-    sample_rate = 1000
-
-    def __init__(self, oom_above=None):
-        self.batches: list[list[str]] = []
-        self.conditioned: list[int] = []
-        self.oom_above = oom_above
-        self.threads = set()
-        self.gate = threading.Event()
-        self.gate.set()
-        self._texts: dict[tuple, str] = {}
-
-    def prepare_text(self, text, language):
-        segments = []
-        for t in text.split("|"):
-            tokens = (len(self._texts),) + tuple(ord(c) for c in t)
-            self._texts[tokens] = t
-            segments.append(TextSegment(t, tokens))
-        return segments
-
-    def condition(self, wav, sr):
-        self.threads.add(threading.current_thread().name)
-        self.conditioned.append(len(wav))
-        return VoiceLatents(torch.zeros(1, 32, 4), torch.zeros(1, 512, 1))
-
-    def generate(self, segments):
-        self.threads.add(threading.current_thread().name)
-        self.gate.wait(30)
-        texts = [self._texts[s.tokens] for s in segments]
-        self.batches.append(texts)
-        if self.oom_above is not None and len(segments) > self.oom_above:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if any("FATAL" in t for t in texts):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        if any("FAIL" in t for t in texts):
-            raise ValueError("this row is broken")
-        out = []
-        for t in texts:
-            wav = spell(t)
-            if "NAN" in t:
-                wav[0] = np.nan
-            out.append(SegmentAudio(np.arange(len(t)), wav))
-        return out
-
-
-async def reference():
-    return np.zeros(16000, dtype=np.float32), 16000
-
-
-def request(text, voice="v1", **kw):
-    return SpeechRequest(text=text, language="en", voice_key=voice, load_reference=reference, **kw)
 
 
 @pytest.fixture
 def fake_engine():
     """The engine `make_scheduler` (tests/batching/conftest.py) builds a scheduler around by default."""
     return FakeEngine
-
-
-async def settle(until=lambda: True):
-    """Let submitted jobs reach the queue (text preparation runs in a worker thread)."""
-    for _ in range(500):
-        await asyncio.sleep(0.01)
-        if until():
-            return
-    raise AssertionError("the condition never held")
 
 
 async def test_a_request_is_split_and_rejoined_in_order(make_scheduler):

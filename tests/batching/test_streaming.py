@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from batching.engine import JOIN_FADE_S, SamplingParams, join_segments
+from batching.audio import JOIN_FADE_S, join_segments
+from batching.engine import SamplingParams
 from batching.latents import LatentCache
 from batching.scheduler import Scheduler, SpeechRequest, SpeechResult, StreamSettings
 from batching.streaming import AudioChunk, StreamJoiner

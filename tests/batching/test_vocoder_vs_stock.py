@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 from batching import demo
 from batching.engine import SamplingParams, Segment
-from tests.batching.test_engine import WAVEFORM_TOLERANCE
+from testing.tolerances import WAVEFORM_TOLERANCE
 from tests.conftest import synthetic_voice
 
 

@@ -24,7 +24,7 @@ from server.config import WorkerConfig
 from server.handler import HandlerContext, make_handler
 from server.metrics import Metrics, SchedulerMetrics
 from storage import ReferenceCache, StorageConfig, open_storage
-from tests.batching.test_scheduler import FakeEngine, spell, spoken
+from testing.fake_engine import FakeEngine, spell, spoken
 from tests.conftest import synthetic_voice
 
 REPO = Path(__file__).resolve().parents[2]
