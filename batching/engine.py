@@ -3,7 +3,9 @@
 Stock `Xtts.inference` decodes one sentence of one request at a time and then runs a second full GPT pass to
 get the vocoder latents. This engine runs the same modules with the same weights, but:
 
-- keeps a running batch (batching.running) that rows join and leave between any two decoding steps:
+- keeps a running batch that rows join and leave between any two decoding steps (XTTS_KV_CACHE=static:
+  preallocated slots, batching.static_batch, whose step CUDA graphs can replay, batching.graphs; dynamic: a
+  growing DynamicCache, batching.running):
   `admit(keys, segments)` prefills new rows and merges them into the KV cache, `step()` gives every running row
   one audio token and hands back the rows that finished, `evict(keys)` drops rows, `vocode(rows)` turns finished
   rows into audio. `generate(segments)` is the run-to-completion loop on top (tests, static scheduling, bench);
@@ -41,11 +43,18 @@ import torch.nn.functional as F
 
 from batching.audio import join_segments
 from batching.errors import EmptyTextError, TextTooLongError, UntokenizableTextError
+from batching.graphs import GraphStep, graphs_wanted
 from batching.languages import CHAR_LIMITS, normalize_language
 from batching.params import SamplingParams
 from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
+from batching.static_batch import StaticBatch
 from batching.text import split_text
 from batching.vocoder import RowVocoder
+
+
+# XTTS_KV_CACHE: static (batching/static_batch.py) or dynamic (batching/running.py); auto: static on CUDA, where
+# CUDA graphs need it, dynamic on a CPU (where the static step has not yet been measured to cost nothing).
+KV_CACHES = ("auto", "static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class XttsEngine:
 
     def __init__(
         self, model, device, *, demo: dict | None = None, gpt_dtype: torch.dtype | None = None, vocoder: str = "auto",
-        length_rule: LengthRule | None = None,
+        length_rule: LengthRule | None = None, kv_cache: str = "auto", cuda_graphs: str = "auto",
     ):
         self.model = model
         self.device = torch.device(device)
@@ -140,20 +149,35 @@ class XttsEngine:
         self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
         if self.fold_weight_norm:
             _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
-        self._running = RunningBatch(self)
+        # The running batch: preallocated slots (static shapes, CUDA graphs) or the growing DynamicCache.
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"XTTS_KV_CACHE must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        if kv_cache == "auto":
+            kv_cache = "static" if self.device.type == "cuda" else "dynamic"
+        self.kv_cache = kv_cache
+        graphs = graphs_wanted(cuda_graphs, self.device)
+        if graphs and kv_cache != "static":
+            if cuda_graphs == "on":
+                raise ValueError("XTTS_CUDA_GRAPHS=on needs XTTS_KV_CACHE=static (the graphs replay its static shapes)")
+            graphs = False
+        self._running = StaticBatch(self, keep_buffers=graphs) if kv_cache == "static" else RunningBatch(self)
+        # Replayed CUDA graphs of the static step, checked against the eager step first (batching/graphs.py).
+        self.graphs = GraphStep(self._running, strict=cuda_graphs == "on", dtype=gpt_dtype) if graphs else None
         # The most KV positions one row can hold: conditioning latents, start + text (< max) + stop, audio.
         perceiver = getattr(gpt, "conditioning_perceiver", None)
         cond_len = int(perceiver.latents.shape[0]) if perceiver is not None else 32
         self.max_row_positions = cond_len + self.max_text_tokens + 1 + self.max_gen_tokens
 
     @classmethod
-    def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto"):
+    def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto", kv_cache="auto",
+             cuda_graphs="auto"):
         from batching import loading
 
         loaded = loading.load(model_dir, model=model, device=device)
         dtype = _autocast_dtype(gpt_dtype, loaded.device)
         rule = LengthRule(float(loaded.demo["tokens_per_char"])) if loaded.demo else None
-        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=dtype, vocoder=vocoder, length_rule=rule)
+        return cls(loaded.model, loaded.device, demo=loaded.demo, gpt_dtype=dtype, vocoder=vocoder, length_rule=rule,
+                   kv_cache=kv_cache, cuda_graphs=cuda_graphs)
 
     # ---------------------------------------------------------------- text
 
@@ -292,10 +316,13 @@ class XttsEngine:
     @torch.inference_mode()
     def step(self) -> StepOutput:
         """One audio token for every running row; rows that finished leave the batch and are returned."""
+        if self.graphs is not None and self.graphs.enabled:
+            return self._running.step(self.graphs)
         return self._running.step()
 
     def evict(self, keys) -> list:
-        """Drop running rows (cancelled, past their deadline) and compact the cache; returns the keys dropped."""
+        """Drop running rows (cancelled, past their deadline); returns the keys dropped. The static cache frees
+        their slots, the dynamic one compacts."""
         return self._running.evict(keys)
 
     def reset(self) -> None:

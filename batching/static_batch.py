@@ -76,6 +76,11 @@ class StaticBatch:
         return _round_up(max(used) + 1, COLUMN_BLOCK) if used else 0
 
     @property
+    def max_columns(self) -> int:
+        """The most KV columns a slot can need: the engine's longest row, in whole blocks."""
+        return _round_up(self.engine.max_row_positions, COLUMN_BLOCK)
+
+    @property
     def kv_shape(self) -> tuple[int, ...] | None:
         """The shape one layer's attention reads at the next step: (slots, heads, columns, head_dim)."""
         if not len(self):
@@ -96,8 +101,10 @@ class StaticBatch:
         dev = e.device
         old_slots = len(self.slot_keys)
         old_cols = self.kv[0][0].shape[2] if self.kv else 0
-        slots = max(slots, old_slots, FIRST_SLOTS)
-        columns = min(max(columns, old_cols, FIRST_COLUMNS), _round_up(e.max_row_positions, COLUMN_BLOCK))
+        # Growth doubles, so a batch that keeps growing reallocates only a few times.
+        slots = max(slots, FIRST_SLOTS, 2 * old_slots if slots > old_slots else old_slots)
+        columns = max(columns, FIRST_COLUMNS, 2 * old_cols if columns > old_cols else old_cols)
+        columns = min(columns, self.max_columns)
         t_max = max(t_max, self.t["codes"].shape[1] if self.t else 0)
         if slots == old_slots and columns == old_cols and self.t and t_max == self.t["codes"].shape[1]:
             return
@@ -260,8 +267,9 @@ class StaticBatch:
         if not n_used:
             return StepOutput((), (), [])
         # Eager steps run over exactly the slots in use; a graph's replay over its bucket (free slots included).
+        # Graph buckets are powers of two, of slots and of columns (capped at what the buffers can hold).
         n = n_used if run is None else min(slot_bucket(n_used), len(self.slot_keys))
-        width = self.width
+        width = self.width if run is None else min(slot_bucket(self.width), self.max_columns)
         self._ensure_columns(width)
         tok = (run or self.eager)(n, width)
         for i in range(n_used):

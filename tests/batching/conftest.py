@@ -36,3 +36,20 @@ async def make_scheduler(fake_engine):
     yield make
     for s in made:
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_static_engine(tiny_checkpoint):
+    """The tiny engine on the static KV cache (preallocated slots; XTTS_KV_CACHE=static), which a CPU's auto does
+    not pick: the engine's promises are checked on both running batches."""
+    from batching.engine import XttsEngine
+
+    return XttsEngine.load(tiny_checkpoint, device="cpu", kv_cache="static")
+
+
+@pytest.fixture(params=["dynamic", "static"])
+def any_cache_engine(request, tiny_engine, tiny_static_engine):
+    """The tiny engine on each KV cache in turn (tiny_engine is the dynamic one on a CPU)."""
+    engine = tiny_engine if request.param == "dynamic" else tiny_static_engine
+    assert engine.kv_cache == request.param
+    return engine

@@ -20,6 +20,13 @@ def voices(tiny_engine):
     return [tiny_engine.condition(synthetic_voice(3.0, f0=f0, seed=i), 22050) for i, f0 in enumerate((120, 210))]
 
 
+@pytest.fixture
+def engine(any_cache_engine):
+    """Each test that takes `engine` runs on both KV caches; those that take `tiny_engine` test the dynamic
+    cache's own layout (tests/batching/test_static_batch.py tests the static one's)."""
+    return any_cache_engine
+
+
 def run(engine, joins: dict[int, list[tuple[object, Segment]]]):
     """Step the engine, admitting rows at the given step numbers; returns {key: FinishedRow} and the steps run."""
     assert not engine.running
@@ -34,45 +41,45 @@ def run(engine, joins: dict[int, list[tuple[object, Segment]]]):
     return finished, step
 
 
-def test_greedy_rows_joining_at_steps_0_5_37_equal_stock_inference(tiny_engine, voices):
+def test_greedy_rows_joining_at_steps_0_5_37_equal_stock_inference(engine, voices):
     texts = [("A rather long first sentence keeps this batch running.", "en"),  # 74 tokens
              ("Olá, tudo bem?", "pt"), ("Привет, друзья!", "ru"), ("Late one.", "en")]  # fmt: skip
-    rows = [(i, Segment(tiny_engine.tokenize(t, lang), len(t), voices[i % 2], GREEDY))
+    rows = [(i, Segment(engine.tokenize(t, lang), len(t), voices[i % 2], GREEDY))
             for i, (t, lang) in enumerate(texts)]  # fmt: skip
-    finished, _ = run(tiny_engine, {0: rows[:1], 5: rows[1:3], 37: rows[3:]})
-    assert tiny_engine.kv_shape is None and tiny_engine.kv_positions == 0
-    wavs = tiny_engine.vocode([finished[i] for i in range(len(texts))])
+    finished, _ = run(engine, {0: rows[:1], 5: rows[1:3], 37: rows[3:]})
+    assert engine.kv_shape is None and engine.kv_positions == 0
+    wavs = engine.vocode([finished[i] for i in range(len(texts))])
     for i, (text, lang) in enumerate(texts):
-        codes, wav = stock_inference(tiny_engine, text, lang, voices[i % 2], do_sample=False, repetition_penalty=5.0)
+        codes, wav = stock_inference(engine, text, lang, voices[i % 2], do_sample=False, repetition_penalty=5.0)
         np.testing.assert_array_equal(finished[i].codes, codes, err_msg=f"row {i}: {text!r}")
         assert wavs[i].shape == wav.shape
         assert np.abs(wavs[i] - wav).max() < WAVEFORM_TOLERANCE, f"row {i}"
 
 
-def test_a_seeded_row_is_the_same_alone_joining_late_and_in_a_static_batch(tiny_engine, voices):
+def test_a_seeded_row_is_the_same_alone_joining_late_and_in_a_static_batch(engine, voices):
     text = "Same codes, whenever it joins and beside whom."
     seeded = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=2.0, seed=4321)
-    row = Segment(tiny_engine.tokenize(text, "en"), len(text), voices[0], seeded)
-    others = [Segment(tiny_engine.tokenize(t, "pt"), len(t), voices[1],
+    row = Segment(engine.tokenize(text, "en"), len(text), voices[0], seeded)
+    others = [Segment(engine.tokenize(t, "pt"), len(t), voices[1],
                       SamplingParams(temperature=0.5 + 0.1 * i, top_k=10 + i, seed=None))
               for i, t in enumerate(["Uma frase bem comprida para abrir o lote, sim.", "Curta.", "Outra frase média."])]
-    alone, _ = run(tiny_engine, {0: [("row", row)]})
-    late, _ = run(tiny_engine, {0: [("a", others[0])], 3: [("b", others[1])], 11: [("row", row), ("c", others[2])]})
-    (static,) = [a for a in tiny_engine.generate([others[0], row, others[1]])][1:2]
+    alone, _ = run(engine, {0: [("row", row)]})
+    late, _ = run(engine, {0: [("a", others[0])], 3: [("b", others[1])], 11: [("row", row), ("c", others[2])]})
+    (static,) = [a for a in engine.generate([others[0], row, others[1]])][1:2]
     np.testing.assert_array_equal(late["row"].codes, alone["row"].codes)
     np.testing.assert_array_equal(static.codes, alone["row"].codes)
-    (other_seed,) = tiny_engine.generate([Segment(row.tokens, row.n_chars, row.voice, SamplingParams(seed=1))])
+    (other_seed,) = engine.generate([Segment(row.tokens, row.n_chars, row.voice, SamplingParams(seed=1))])
     assert not np.array_equal(other_seed.codes, alone["row"].codes)
 
 
-def test_row_limits_come_from_the_sampling_parameters(tiny_engine, voices):
+def test_row_limits_come_from_the_sampling_parameters(engine, voices):
     text = "Limits per row."
-    tokens = tiny_engine.tokenize(text, "en")
+    tokens = engine.tokenize(text, "en")
     rows = [("rule", Segment(tokens, len(text), voices[0], GREEDY)),
             ("seven", Segment(tokens, len(text), voices[0], SamplingParams(do_sample=False, min_new_tokens=7,
                                                                             max_new_tokens=7)))]  # fmt: skip
-    finished, _ = run(tiny_engine, {0: rows})
-    assert len(finished["rule"].codes) == tiny_engine.demo_length(len(text))
+    finished, _ = run(engine, {0: rows})
+    assert len(finished["rule"].codes) == engine.demo_length(len(text))
     assert len(finished["seven"].codes) == 7
     np.testing.assert_array_equal(finished["seven"].codes, finished["rule"].codes[:7])
 
