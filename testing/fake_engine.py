@@ -6,7 +6,7 @@ checks it), so the scheduler never needs to guess what an engine can do. A fake 
 it back: a wrong join order, a lost or doubled segment, or another request's audio all read differently.
 
 Also the small helpers the scheduler tests share: `reference` (a silent reference voice), `request` (a
-SpeechRequest of a text) and `settle` (wait until a condition holds).
+SpeechRequest of a text), `settle` (wait until a condition holds) and `Clock` (a clock the test moves).
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ from batching.running import FinishedRow, StepOutput
 from batching.scheduler import SpeechRequest
 
 SAMPLES_PER_CHAR = 11  # wider than twice the 5 ms join fade at 1000 Hz: each run's middle sample is never faded
+
+
+class Clock:
+    """A scheduler's clock that stands still until a test moves `now`."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def char_value(c: str) -> float:

@@ -1,17 +1,20 @@
-"""Shared fixtures: demo checkpoints (built once, cached under .cache/), a loaded tiny engine, a reference voice."""
+"""Shared fixtures: demo checkpoints (built once, cached under .cache/), a loaded tiny engine, a reference voice, a
+throwaway service account and one fake-gcs-server on 127.0.0.1 for the session (it starts in well under a second;
+every test takes a bucket of its own).
+
+Helpers that tests share live in testing/, never in a test module: no test imports another."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from testing.accounts import ServiceAccount, make_service_account
+from testing.gcs_emulator import GcsEmulator
 from testing.voices import demo_checkpoint, synthetic_voice
-
-ROOT = Path(__file__).resolve().parents[1]
-
-__all__ = ["ROOT", "demo_checkpoint", "synthetic_voice"]
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +42,14 @@ def tiny_stock_engine(tiny_checkpoint):
     from batching.stock import StockEngine
 
     return StockEngine.load(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def service_account() -> ServiceAccount:
+    return make_service_account()
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[GcsEmulator]:
+    with GcsEmulator() as emu:
+        yield emu

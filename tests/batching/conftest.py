@@ -6,14 +6,7 @@ import pytest
 
 from batching.latents import LatentCache
 from batching.scheduler import Scheduler
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
+from testing.fake_engine import Clock
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from batching.latents import LatentCache, model_fingerprint
 from batching.scheduler import Scheduler, SpeechRequest
 from testing.stock_reference import stock_inference
 from testing.tolerances import WAVEFORM_TOLERANCE
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 # 9 segments, 3 languages, lengths from 4 to 43 audio tokens (short: the CPU vocoder costs ~1 s per audio second).
 MIXED = [

@@ -10,7 +10,7 @@ from batching import policy
 from batching.engine import SamplingParams, Segment
 from testing.stock_reference import stock_inference
 from testing.tolerances import WAVEFORM_TOLERANCE
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 GREEDY = SamplingParams(do_sample=False)
 

@@ -11,9 +11,8 @@ from batching.engine import SamplingParams
 from batching.errors import BatchError, FatalEngineError
 from batching.latents import LatentCache
 from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
-from testing.fake_engine import FakeStepEngine, request, settle
+from testing.fake_engine import Clock, FakeStepEngine, request, settle
 from testing.tolerances import WAVEFORM_TOLERANCE
-from tests.batching.conftest import Clock
 
 
 class Recorder(Observer):

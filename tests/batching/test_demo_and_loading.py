@@ -10,7 +10,7 @@ import torch
 
 from batching import demo, loading
 from batching.errors import ModelNotLoadedError
-from tests.conftest import ROOT
+from testing.voices import ROOT
 
 
 def weights_digest(folder) -> str:

@@ -7,8 +7,7 @@ import pytest
 from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
 from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
-from testing.fake_engine import SAMPLES_PER_CHAR, FakeEngine, request, settle, spoken
-from tests.batching.conftest import Clock
+from testing.fake_engine import SAMPLES_PER_CHAR, Clock, FakeEngine, request, settle, spoken
 
 
 @pytest.fixture

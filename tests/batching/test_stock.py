@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 from batching.engine import SamplingParams, Segment
 from batching.stock import StockEngine
 from testing.stock_reference import stock_inference
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 
 @pytest.fixture(scope="module")

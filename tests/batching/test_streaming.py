@@ -17,7 +17,7 @@ from batching.engine import SamplingParams
 from batching.latents import LatentCache
 from batching.scheduler import Scheduler, SpeechRequest, SpeechResult, StreamSettings
 from batching.streaming import AudioChunk, StreamJoiner
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 SR = 24000
 # Three sentences each, long enough that no two merge into one segment: three segments per text.

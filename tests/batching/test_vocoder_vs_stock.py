@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from batching import demo
 from batching.engine import SamplingParams, Segment
 from testing.tolerances import WAVEFORM_TOLERANCE
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 
 def _weight_norm_layers(module):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from testing.voices import ROOT
 
 WHEELS_SH = ROOT / "scripts" / "gpu-wheels.sh"
 CHECK_SH = ROOT / "scripts" / "gpu-check.sh"

@@ -40,9 +40,9 @@ from testing.gcs_emulator import GcsEmulator
 from testing.loopback import ServerProcess, free_port
 from testing.runpod_fake import FakeRunPod, WorkerProcess
 from testing.voices import synthetic_voice_wav
-from tests.conftest import ROOT
+from testing.voices import ROOT
 from tests.reliability.faulty_worker import GATE
-from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture, re-exported here)
+from testing.accounts import ServiceAccount
 
 REPO = ROOT
 FAULTY_WORKER = ROOT / "tests" / "reliability" / "faulty_worker.py"

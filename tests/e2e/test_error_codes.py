@@ -44,7 +44,7 @@ from tests.e2e.conftest import (
     server_process,
     worker_env,
 )
-from tests.storage.conftest import ServiceAccount
+from testing.accounts import ServiceAccount
 
 pytestmark = pytest.mark.slow
 

@@ -39,7 +39,7 @@ from tests.e2e.conftest import (
     running_worker,
     worker_env,
 )
-from tests.storage.conftest import ServiceAccount
+from testing.accounts import ServiceAccount
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [

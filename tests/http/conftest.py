@@ -26,10 +26,10 @@ import pytest
 from testing.gcs_emulator import GcsEmulator
 from testing.loopback import ServerProcess, free_port
 from testing.voices import demo_checkpoint, synthetic_voice_wav
-from tests.conftest import ROOT
+from testing.voices import ROOT
 # _OPEN_LOGS and its hook: the tails of the worker logs open when a test fails go into its report, as in tests/e2e.
 from tests.e2e.conftest import _OPEN_LOGS, MetricsSnapshot, pytest_runtest_makereport, tail, worker_env  # noqa: F401
-from tests.storage.conftest import ServiceAccount, service_account  # noqa: F401  (the fixture)
+from testing.accounts import ServiceAccount
 
 BUCKET = "seu-bucket"
 TEMPLATE = f"gs://{BUCKET}/referencias/{{voice}}.wav"

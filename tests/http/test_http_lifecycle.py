@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from testing.voices import synthetic_voice
-from tests.conftest import ROOT
+from testing.voices import ROOT
 from testing.loopback import ServerProcess, free_port
 from tests.http.conftest import API_KEY, START_TIMEOUT_S, http_env
 

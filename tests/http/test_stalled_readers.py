@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from testing.voices import demo_checkpoint, synthetic_voice
-from tests.conftest import ROOT
+from testing.voices import ROOT
 from tests.e2e.conftest import worker_env
 
 pytestmark = pytest.mark.slow

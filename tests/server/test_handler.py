@@ -25,7 +25,7 @@ from server.handler import HandlerContext, make_handler
 from server.metrics import Metrics, SchedulerMetrics
 from storage import ReferenceCache, StorageConfig, open_storage
 from testing.fake_engine import FakeEngine, spell, spoken
-from tests.conftest import synthetic_voice
+from testing.voices import synthetic_voice
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_KEYS = {"audio_url", "duration", "voice_id", "language", "generation_time", "parameters"}

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from server.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
-from tests.storage.conftest import service_account  # noqa: F401  (the fixture: a real, throwaway key)
 
 SECRET = "-----BEGIN PRIVATE KEY-----very-secret-----END PRIVATE KEY-----"
 

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from storage import audio as audio_module
 from storage.audio import encode
-from tests.conftest import ROOT
+from testing.voices import ROOT
 
 LONG_S = 300
 SAMPLE_RATE = 24000  # the engine's output rate

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from batching.demo import synthetic_voice
 from storage import audio as audio_module
 from storage.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, decode_reference
-from tests.conftest import ROOT
+from testing.voices import ROOT
 
 XTTS_SR = 22050
 MAX_REF_S = 30.0  # the engine's max_ref_len: decode reads 30.25 s at most

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from batching.demo import synthetic_voice
 from storage import InvalidAudioError, decode_reference, decode_reference_async
 from storage.audio import DEFAULT_MIN_LEVEL_DBFS, check_level, reference_level
-from tests.storage.conftest import audio_bytes
+from testing.sounds import audio_bytes
 
 SR = 22050
 
