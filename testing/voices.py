@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 from pathlib import Path
@@ -18,8 +19,14 @@ def demo_checkpoint(size: str, seed: int = 0) -> Path:
     from batching import demo
 
     folder = CACHE / "demo" / f"{size}-v{demo.BUILDER_VERSION}-seed{seed}"
-    if not (folder / demo.DEMO_MARKER_FILE).is_file():  # the marker is written last
-        demo.build(folder, size=size, seed=seed)
+    if (folder / demo.DEMO_MARKER_FILE).is_file():  # the marker is written last
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: test processes running side by side (pytest-xdist) wait for the first one's build.
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / demo.DEMO_MARKER_FILE).is_file():
+            demo.build(folder, size=size, seed=seed)
     return folder
 
 

@@ -13,8 +13,19 @@ import numpy as np
 import pytest
 
 from testing.accounts import ServiceAccount, make_service_account
+from testing.e2e_worker import OPEN_LOGS, tail
 from testing.gcs_emulator import GcsEmulator
 from testing.voices import demo_checkpoint, synthetic_voice
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the tail of every worker log open now (testing.e2e_worker.OPEN_LOGS)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for name, path in list(OPEN_LOGS.items()):
+            report.sections.append((f"worker log ({name}): {path}", tail(path)))
 
 
 @pytest.fixture(scope="session")

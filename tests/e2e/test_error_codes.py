@@ -30,10 +30,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from server.errors import parse_error
-from testing.gcs_emulator import GcsEmulator
-from testing.loopback import LoopbackApp, free_port
-from testing.runpod_fake import FAILED, FakeRunPod
-from tests.e2e.conftest import (
+from testing.accounts import ServiceAccount
+from testing.e2e_worker import (
     BUCKET,
     NOT_AUDIO_OBJECT,
     RUN_TIMEOUT_S,
@@ -44,7 +42,9 @@ from tests.e2e.conftest import (
     server_process,
     worker_env,
 )
-from testing.accounts import ServiceAccount
+from testing.gcs_emulator import GcsEmulator
+from testing.loopback import LoopbackApp, free_port
+from testing.runpod_fake import FAILED, FakeRunPod
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ MAX_REF_BYTES = 1_000_000  # the synthetic voices are ~180 kB; the oversized ref
 NOT_PROVOKED = {
     "empty_text": "validation strips gen_text first and answers a blank one with invalid_input",
     "unsupported_output_format": "validation answers an unknown output_format with invalid_input before the encoder",
-    "generation_failed": "needs a fault inside the engine (tests/reliability/faulty_worker.py injects it)",
+    "generation_failed": "needs a fault inside the engine (testing/faulty_worker.py injects it)",
     "out_of_memory": "needs a fault inside the engine (tests/reliability)",
     "fatal_engine_error": "needs a CUDA error (tests/reliability); the worker then exits",
     "worker_shutting_down": "needs a SIGTERM while jobs wait in the queue",

@@ -19,9 +19,9 @@ import pytest
 import soundfile as sf
 from prometheus_client.parser import text_string_to_metric_families
 
+from testing.e2e_worker import REPO, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, server_process, worker_env
 from testing.loopback import free_port
 from testing.voices import synthetic_voice
-from tests.e2e.conftest import REPO, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, server_process, worker_env
 
 pytestmark = pytest.mark.slow
 

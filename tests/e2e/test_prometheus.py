@@ -25,11 +25,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from testing.faultproxy import FaultProxy
-from testing.gcs_emulator import GcsEmulator
-from testing.loopback import ServerProcess, free_port
-from testing.runpod_fake import COMPLETED, FAILED, FakeRunPod
-from tests.e2e.conftest import (
+from testing.accounts import ServiceAccount
+from testing.e2e_worker import (
     BUCKET,
     OTHER_BUCKET,
     REPO,
@@ -39,7 +36,10 @@ from tests.e2e.conftest import (
     running_worker,
     worker_env,
 )
-from testing.accounts import ServiceAccount
+from testing.faultproxy import FaultProxy
+from testing.gcs_emulator import GcsEmulator
+from testing.loopback import ServerProcess, free_port
+from testing.runpod_fake import COMPLETED, FAILED, FakeRunPod
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [

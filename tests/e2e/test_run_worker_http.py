@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from testing.e2e_worker import REPO, tail, worker_env
 from testing.loopback import ServerProcess, free_port
-from tests.e2e.conftest import REPO, tail, worker_env
 
 pytestmark = pytest.mark.slow
 

@@ -24,11 +24,19 @@ import aiohttp
 import pytest
 import soundfile as sf
 
-from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeJob, FakeRunPod
-from tests.e2e.conftest import (
-    BUCKET, MISSING_OBJECT, NOT_AUDIO_OBJECT, RUN_TIMEOUT_S, SEED_INPUT, SEED_KEYS, SEED_PARAMETER_KEYS, VOICES,
-    E2EWorker, MetricsSnapshot,
+from testing.e2e_worker import (
+    BUCKET,
+    MISSING_OBJECT,
+    NOT_AUDIO_OBJECT,
+    RUN_TIMEOUT_S,
+    SEED_INPUT,
+    SEED_KEYS,
+    SEED_PARAMETER_KEYS,
+    VOICES,
+    E2EWorker,
+    MetricsSnapshot,
 )  # fmt: skip
+from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeJob, FakeRunPod
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -384,7 +392,7 @@ async def test_a_job_cancelled_while_queued_never_runs_and_the_worker_goes_on(
     fake_runpod: FakeRunPod, gcs_worker: E2EWorker, gcs_bucket
 ):
     from batching.text import split_text
-    from tests.reliability.faulty_worker import GATE
+    from testing.faulty_worker import GATE
 
     segments = len(split_text(LONG_TEXT, "pt"))
     assert segments >= 2

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from testing.e2e_worker import REPO, worker_env
 from testing.gcs_emulator import GcsEmulator
-from tests.e2e.conftest import REPO, worker_env
 
 pytestmark = pytest.mark.slow
 

@@ -21,9 +21,10 @@ from collections.abc import Iterator
 import pytest
 import soundfile as sf
 
+from testing.e2e_worker import MetricsSnapshot, tail
+from testing.http_worker import HttpWorker, http_env, start_http_worker, stop_http_worker
 from testing.loopback import free_port
 from testing.voices import synthetic_voice
-from tests.http.conftest import HttpWorker, http_env, start_http_worker, stop_http_worker, tail
 
 pytestmark = pytest.mark.slow
 
@@ -250,8 +251,6 @@ def test_with_the_override_off_only_the_voices_own_reference_is_used(worker):
 
 
 def _metrics(worker: HttpWorker):
-    from tests.e2e.conftest import MetricsSnapshot
-
     with urllib.request.urlopen(f"http://{METRICS_HOST}:{worker.metrics_port}/metrics", timeout=10) as response:
         return MetricsSnapshot.parse(response.read().decode())
 

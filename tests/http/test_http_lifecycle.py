@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from testing.voices import synthetic_voice
-from testing.voices import ROOT
+from testing.http_worker import API_KEY, START_TIMEOUT_S, http_env
 from testing.loopback import ServerProcess, free_port
-from tests.http.conftest import API_KEY, START_TIMEOUT_S, http_env
+from testing.voices import ROOT, synthetic_voice
 
 pytestmark = pytest.mark.slow
 

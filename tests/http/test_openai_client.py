@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.http.conftest import API_KEY, BUCKET, HttpWorker
+from testing.http_worker import API_KEY, BUCKET, HttpWorker
 
 pytestmark = pytest.mark.slow
 

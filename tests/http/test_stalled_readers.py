@@ -18,9 +18,8 @@ import sys
 
 import pytest
 
-from testing.voices import demo_checkpoint, synthetic_voice
-from testing.voices import ROOT
-from tests.e2e.conftest import worker_env
+from testing.e2e_worker import worker_env
+from testing.voices import ROOT, demo_checkpoint, synthetic_voice
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ is still alive and serves the next job. A silent reference (issue #16) fails tha
 
 Before storage.audio encoded in blocks, an OGG result longer than ~87 s killed the worker (SIGSEGV, exit 139) in
 libvorbis (libsndfile #1095) and every job it held was lost. The engine is replaced, in the worker process only, by
-tests/reliability/long_audio_worker.py, which returns 300 s of audio per segment without running the model.
+testing/long_audio_worker.py, which returns 300 s of audio per segment without running the model.
 """
 
 from __future__ import annotations
@@ -13,24 +13,23 @@ import asyncio
 import io
 import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from testing.runpod_fake import COMPLETED, FAILED, TERMINAL_STATES, FakeRunPod, WorkerProcess
-from testing.voices import synthetic_voice
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, start_worker, worker_env
+from testing.runpod_worker import RUN_TIMEOUT_S, start_worker, worker_env
+from testing.voices import ROOT, synthetic_voice
 
-LONG_AUDIO_WORKER = Path(__file__).with_name("long_audio_worker.py")
+LONG_AUDIO_WORKER = ROOT / "testing" / "long_audio_worker.py"
 LONG_S = 300.0
 pytestmark = pytest.mark.slow
 
 
 def test_importing_the_long_audio_worker_changes_nothing():
     from batching.engine import XttsEngine
-    from tests.reliability import long_audio_worker
+    from testing import long_audio_worker
 
     assert XttsEngine.vocode is long_audio_worker._real_vocode is not long_audio_worker.vocode
 

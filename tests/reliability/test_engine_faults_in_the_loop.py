@@ -2,7 +2,7 @@
 an exception, a NaN row and an out-of-memory error fail only the rows that cause them; a CUDA error makes the
 worker answer the jobs it holds (retryable) and exit with code 70 so that RunPod replaces it; a job stopped by
 RunPod and a job past JOB_TIMEOUT_S leave the queue without reaching the engine. Faults are injected into the real
-engine by tests/reliability/faulty_worker.py, keyed by the job's seed.
+engine by testing/faulty_worker.py, keyed by the job's seed.
 
 Counts: jobs sent, succeeded, failed with which error, lost (never answered: must be zero).
 
@@ -24,19 +24,20 @@ import pytest
 
 from bench.stats import Snapshot
 from server.__main__ import EXIT_FATAL_ENGINE, FATAL_EXIT_GRACE_S
+from testing.faulty_worker import CUDA, GATE, NAN, OOM, RAISE, SLOW
 from testing.loopback import free_port
 from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, IN_PROGRESS, QUEUED, FakeRunPod, WorkerProcess
-from tests.reliability.faulty_worker import CUDA, GATE, NAN, OOM, RAISE, SLOW
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
+from testing.runpod_worker import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
+from testing.voices import ROOT
 
-FAULTY_WORKER = Path(__file__).with_name("faulty_worker.py")
+FAULTY_WORKER = ROOT / "testing" / "faulty_worker.py"
 pytestmark = pytest.mark.slow
 
 
 def test_importing_the_fault_injector_changes_nothing():
     # This module takes the seed values from faulty_worker; only the worker process it starts may be patched.
     from batching.engine import XttsEngine
-    from tests.reliability import faulty_worker
+    from testing import faulty_worker
 
     for name, patch in faulty_worker.PATCHES.items():
         assert getattr(XttsEngine, name) is getattr(faulty_worker, f"_real_{name}") is not patch

@@ -12,8 +12,8 @@ import pytest
 
 from testing.faultproxy import FaultProxy
 from testing.runpod_fake import COMPLETED, FAILED, FakeRunPod
+from testing.runpod_worker import RUN_TIMEOUT_S, start_worker, worker_env
 from testing.voices import synthetic_voice_wav
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from testing.runpod_fake import COMPLETED, FakeRunPod
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
+from testing.runpod_worker import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 

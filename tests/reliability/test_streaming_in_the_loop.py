@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from testing.e2e_worker import MetricsSnapshot
 from testing.loopback import free_port
 from testing.runpod_fake import CANCELLED, COMPLETED, FAILED, FakeRunPod
-from tests.e2e.conftest import MetricsSnapshot
-from tests.reliability.test_worker_lifecycle import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
+from testing.runpod_worker import RUN_TIMEOUT_S, put_reference, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`python -m server` with faults injected into the real engine, for test_engine_faults_in_the_loop.py.
+"""`python -m server` with faults injected into the real engine, for the tests in the loop (tests/reliability, tests/e2e).
 
 Run as a script with the worker's environment. A row whose sampling seed (the job's `seed`) is one of the values
 below misbehaves inside the engine's step-level calls (`XttsEngine.admit`, `step`, `vocode`, which both the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batching.engine import XttsEngine  # noqa: E402
 

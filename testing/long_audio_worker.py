@@ -1,4 +1,4 @@
-"""`python -m server` whose engine returns long audio at once, for test_audio_long_results_in_the_loop.py.
+"""`python -m server` whose engine returns long audio at once, for tests/reliability/test_audio_long_results_in_the_loop.py.
 
 Run as a script with the worker's environment. The vocoder (`XttsEngine.vocode`, which both the continuous
 scheduler and `generate` go through) returns LONG_AUDIO_S seconds (default 300) of a 220 Hz tone at the engine's
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from batching.engine import XttsEngine  # noqa: E402
 
