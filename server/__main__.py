@@ -60,13 +60,15 @@ def load_engine(config):
     engine_class = StockEngine if config.engine == "stock" else XttsEngine
     engine = engine_class.load(
         config.model_dir, model=config.model, device=config.device,
-        gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching,
+        gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching, kv_cache=config.kv_cache,
+        cuda_graphs=config.cuda_graphs,
     )  # fmt: skip
     voice = engine.condition(synthetic_voice(2.0, sr=engine.input_sample_rate), engine.input_sample_rate)
     tokens = engine.tokenize("Warm up.", "en")
     engine.generate([Segment(tokens, 8, voice, SamplingParams(seed=0))] * min(2, config.max_batch_size))
-    log.info("%s engine ready on %s in %.1f s (%s)", config.engine, engine.device, time.perf_counter() - started,
-             "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2")  # fmt: skip
+    log.info("%s engine ready on %s in %.1f s (%s; KV cache %s, CUDA graphs %s)", config.engine, engine.device,
+             time.perf_counter() - started, "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2",
+             getattr(engine, "kv_cache", config.kv_cache), "on" if getattr(engine, "graphs", None) else "off")  # fmt: skip
     return engine
 
 

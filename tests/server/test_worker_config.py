@@ -118,6 +118,41 @@ def test_a_bad_value_is_named_with_the_variable(name, value, message):
     assert info.value.error_code == "invalid_config"
 
 
+def test_the_kv_cache_and_cuda_graphs_are_read_and_reach_the_engine():
+    import inspect
+
+    from batching.engine import KV_CACHES
+    from batching.graphs import CUDA_GRAPH_MODES
+    from server import __main__ as entry
+    from server.config import CUDA_GRAPH_MODES as GRAPH_CHOICES, KV_CACHES as CACHE_CHOICES
+
+    assert (CACHE_CHOICES, GRAPH_CHOICES) == (KV_CACHES, CUDA_GRAPH_MODES)  # the engine's own choices
+    assert (build({}).kv_cache, build({}).cuda_graphs) == ("auto", "auto")
+    config = build({"XTTS_KV_CACHE": " Static ", "XTTS_CUDA_GRAPHS": "ON"})
+    assert (config.kv_cache, config.cuda_graphs) == ("static", "on")
+    assert build({"XTTS_KV_CACHE": "dynamic", "XTTS_CUDA_GRAPHS": "off"}).kv_cache == "dynamic"
+    source = inspect.getsource(entry.load_engine)
+    assert "kv_cache=config.kv_cache" in source and "cuda_graphs=config.cuda_graphs" in source
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"XTTS_KV_CACHE": "paged"}, "XTTS_KV_CACHE must be one of auto, static, dynamic, got 'paged'"),
+        ({"XTTS_CUDA_GRAPHS": "yes"}, "XTTS_CUDA_GRAPHS must be one of auto, on, off, got 'yes'"),
+        ({"XTTS_CUDA_GRAPHS": "on", "XTTS_KV_CACHE": "dynamic"},
+         "XTTS_CUDA_GRAPHS must be auto or off with XTTS_KV_CACHE=dynamic (graphs need the static cache), got 'on'"),
+        ({"XTTS_CUDA_GRAPHS": "on", "XTTS_DEVICE": "cpu"},
+         "XTTS_CUDA_GRAPHS must be auto or off with XTTS_DEVICE=cpu (graphs need a CUDA device), got 'on'"),
+    ],
+)  # fmt: skip
+def test_a_bad_kv_cache_or_cuda_graphs_value_names_the_variable_and_the_choices(env, message):
+    with pytest.raises(ConfigError) as info:
+        build(env)
+    assert str(info.value) == message
+    assert info.value.error_code == "invalid_config"
+
+
 def test_a_long_bad_value_is_cut_short_in_the_message():
     with pytest.raises(ConfigError) as info:
         build({"MAX_CONCURRENCY": "9" * 10_000})
