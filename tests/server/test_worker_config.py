@@ -8,24 +8,7 @@ import json
 import pytest
 
 from server.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
-
-SECRET = "-----BEGIN PRIVATE KEY-----very-secret-----END PRIVATE KEY-----"
-
-
-class FakeStorageConfig:
-    """Stands in for storage.config.StorageConfig: records the env it was built from, holds a secret."""
-
-    def __init__(self, env):
-        self.env = dict(env)
-        self.credentials = SECRET
-
-    def __repr__(self) -> str:  # a careless storage repr must still not reach WorkerConfig's repr
-        return f"FakeStorageConfig(credentials={self.credentials!r})"
-
-
-def build(env: dict[str, str]) -> WorkerConfig:
-    return WorkerConfig.from_env(env, storage_from_env=FakeStorageConfig)
-
+from testing.worker_config import SECRET, FakeStorageConfig, build
 
 def test_defaults_from_an_empty_environment():
     config = build({})
