@@ -45,8 +45,6 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from batching import InputError, SamplingParams, SpeechRequest
 from batching.streaming import AudioChunk
 from batching.errors import JobTimeoutError
@@ -54,6 +52,7 @@ from server.config import WorkerConfig
 from server.metrics import Metrics
 from server.validation import TTSRequest, ValidationError, error_output, validate_request
 from storage import StorageInputError, decode_reference_async, encode_async, store_result
+from storage.audio import pcm_s16le
 from storage.errors import InvalidAudioError
 from storage.urls import redact_url
 
@@ -557,11 +556,10 @@ def audio_items(chunk: AudioChunk, first_index: int) -> list[dict]:
     items = []
     for n, lo in enumerate(range(0, len(chunk.samples), step)):
         part = chunk.samples[lo : lo + step]
-        pcm = np.clip(np.rint(part * 32767.0), -32768, 32767).astype("<i2")
         items.append({
             "type": "audio",
             "index": first_index + n,
-            "audio": base64.b64encode(pcm.tobytes()).decode("ascii"),
+            "audio": base64.b64encode(pcm_s16le(part)).decode("ascii"),
             "encoding": "pcm_s16le",
             "sample_rate": sr,
             "start": round((chunk.start + lo) / sr, 6),

@@ -7,7 +7,7 @@ Routes, on HOST:PORT:
                             the model is loaded and warm ("healthy"), 503 while it drains after SIGTERM (anything
                             else than 200 or 204 is "unhealthy": no new requests are routed to it). Never needs
                             the API key. With PORT_HEALTH other than PORT, a second listener serves /ping alone.
-    POST /v1/audio/speech   OpenAI's speech API (server.openai_api: the request; server.speech_formats: the body)
+    POST /v1/audio/speech   OpenAI's speech API (server.openai_api: the request; storage.audio: the body)
     POST /tts               the seed's job input in, the seed's output out (a queue job's `input` and `output`)
 
 Every work request passes, in this order: API_KEY (`Authorization: Bearer <key>`, compared in constant time;
@@ -79,8 +79,8 @@ from server.metrics import Metrics
 from server.openai_api import (
     ApiError, SpeechCall, error_body, error_body_from_output, speech_call, voice_reference,
 )
-from server.speech_formats import FORMATS, StreamEncoder, encode_whole_async
 from server.validation import ValidationError
+from storage.audio import OUTPUT_FORMATS as FORMATS, StreamEncoder, encode_whole_async
 
 log = logging.getLogger("server.http")
 
