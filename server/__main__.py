@@ -68,7 +68,8 @@ def load_engine(config):
     engine.generate([Segment(tokens, 8, voice, SamplingParams(seed=0))] * min(2, config.max_batch_size))
     log.info("%s engine ready on %s in %.1f s (%s; KV cache %s, CUDA graphs %s)", config.engine, engine.device,
              time.perf_counter() - started, "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2",
-             getattr(engine, "kv_cache", config.kv_cache), "on" if getattr(engine, "graphs", None) else "off")  # fmt: skip
+             getattr(engine, "kv_cache", config.kv_cache),
+             "on" if getattr(engine, "graphs", None) else "off")  # fmt: skip
     return engine
 
 

@@ -13,8 +13,9 @@ server.runpod_stream's.
 STREAMING=on (`TTSHandler.stream`, an async generator): the same steps, but the audio leaves as it is made:
 
     validate -> reference -> Scheduler.stream: AudioChunks -> {"type": "audio", ...} items (server.runpod_stream:
-    16-bit PCM, each <= MAX_ITEM_S of audio; RunPod takes <= 1 MB per yield) -> encode + upload of the whole audio (the chunks
-    joined: the same samples) -> {"type": "result", <the seed's output and additions>, "time_to_first_audio"}
+    16-bit PCM, each <= MAX_ITEM_S of audio; RunPod takes <= 1 MB per yield) -> encode + upload of the whole
+    audio (the chunks joined: the same samples) -> {"type": "result", <the seed's output and additions>,
+    "time_to_first_audio"}
 
 A job with "stream": false yields only its result item. A failure before or during the stream yields
 `{"error": "[code] message", ...}` as its last item: the SDK ends the job FAILED with that message, and nothing
@@ -22,8 +23,9 @@ was uploaded (the upload comes after the last chunk). JOB_TIMEOUT_S bounds the r
 (never an await across a yield) and, through the request's deadline, the synthesis.
 
 Every failure becomes `{"error", "error_code"[, "retryable"]}` through `server.validation.error_output`, the one
-place that does so (server.jobs); the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout) arrives here as a
-CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU time.
+place that does so (in server.jobs); the SDK marks such a job FAILED. A job RunPod stops (cancel, timeout)
+arrives here as a CancelledError: it propagates into `Scheduler.submit`, which drops the request before it costs GPU
+time.
 
 SERVER_MODE=http (server.http_server) uses the same steps: POST /tts is `__call__`; POST /v1/audio/speech is
 `speech` (the audio as AudioChunks then the SpeechResult, or the SpeechResult alone; nothing stored), its
@@ -32,7 +34,6 @@ requests checked by server.openai_api (a refused one still logged and counted, t
 Logs, one line per step, each with the job id: the text's start, voice, language, parameters, cache hits,
 times, the stored object's name. Never a reference URL's query (signatures) nor a result's signed URL.
 """
-
 
 from __future__ import annotations
 

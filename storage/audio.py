@@ -229,7 +229,8 @@ async def encode_async(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> t
 
 
 def pcm_s16le(samples: np.ndarray) -> bytes:
-    """Float samples in [-1, 1] (clipped) as 16-bit little-endian PCM (RunPod's streamed items and the pcm and wav bodies)."""
+    """Float samples in [-1, 1] (clipped) as 16-bit little-endian PCM: the one conversion (RunPod's streamed
+    items, the pcm and wav bodies)."""
     return np.clip(np.rint(np.asarray(samples, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2").tobytes()
 
 
