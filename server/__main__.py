@@ -60,13 +60,16 @@ def load_engine(config):
     engine_class = StockEngine if config.engine == "stock" else XttsEngine
     engine = engine_class.load(
         config.model_dir, model=config.model, device=config.device,
-        gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching,
+        gpt_dtype=config.gpt_dtype, vocoder=config.vocoder_batching, kv_cache=config.kv_cache,
+        cuda_graphs=config.cuda_graphs,
     )  # fmt: skip
     voice = engine.condition(synthetic_voice(2.0, sr=engine.input_sample_rate), engine.input_sample_rate)
     tokens = engine.tokenize("Warm up.", "en")
     engine.generate([Segment(tokens, 8, voice, SamplingParams(seed=0))] * min(2, config.max_batch_size))
-    log.info("%s engine ready on %s in %.1f s (%s)", config.engine, engine.device, time.perf_counter() - started,
-             "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2")  # fmt: skip
+    log.info("%s engine ready on %s in %.1f s (%s; KV cache %s, CUDA graphs %s)", config.engine, engine.device,
+             time.perf_counter() - started, "DEMO checkpoint, random weights" if engine.demo else "XTTS-v2",
+             getattr(engine, "kv_cache", config.kv_cache),
+             "on" if getattr(engine, "graphs", None) else "off")  # fmt: skip
     return engine
 
 
@@ -77,14 +80,47 @@ async def check_storage(storage_config) -> None:
     await storage.close()
 
 
+def make_scheduler(config, engine, metrics):
+    """The GPU side on the worker's settings (not started)."""
+    from batching import LatentCache, Scheduler, model_fingerprint
+    from batching.scheduler import StreamSettings
+    from server.metrics import SchedulerMetrics
+
+    model_id = model_fingerprint(config.model_dir) if config.model_dir else config.model
+    latents = LatentCache(config.latent_cache_size, config.latent_cache_dir, model_id,
+                          disk_max_entries=config.latent_cache_disk_entries,
+                          enabled=config.latent_cache)  # fmt: skip
+    return Scheduler(
+        engine, latents,
+        max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
+        observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
+        scheduling=config.scheduling, max_batch_tokens=config.max_batch_tokens,
+        stream_settings=StreamSettings(config.stream_first_chunk_s, config.stream_max_chunk_s,
+                                       config.stream_buffer_s),
+        vocoder_span_s=config.vocoder_span_s or None,
+    )  # fmt: skip
+
+
+def _close_at_loop_end(*closables) -> None:
+    """The SDK ends its loop with asyncio.run's clean-up, which cancels the tasks left: close what the worker
+    opened then (in this order), so that shutdown leaves no unclosed session behind."""
+
+    async def wait_then_close():
+        try:
+            await asyncio.Event().wait()
+        finally:
+            for closable in closables:
+                await closable.close()
+
+    _background.add(asyncio.get_running_loop().create_task(wait_then_close(), name="close-at-loop-end"))
+
+
 def make_context_builder(config, engine, metrics):
     """The handler context is built inside the SDK's event loop, on the first job (see server.handler)."""
 
     async def build():
-        from batching import LatentCache, Scheduler, model_fingerprint
-        from batching.scheduler import StreamSettings
-        from server.handler import HandlerContext
-        from server.metrics import SchedulerMetrics, StorageMetrics
+        from server.context import HandlerContext
+        from server.metrics import StorageMetrics
         from storage import ReferenceCache, open_storage
 
         storage_config = config.storage
@@ -93,32 +129,9 @@ def make_context_builder(config, engine, metrics):
             storage.observer = StorageMetrics(metrics)
         references = ReferenceCache(storage_config.cache_dir, storage_config.cache_max_bytes, storage,
                                     max_ref_bytes=storage_config.max_ref_bytes)  # fmt: skip
-        model_id = model_fingerprint(config.model_dir) if config.model_dir else config.model
-        latents = LatentCache(config.latent_cache_size, config.latent_cache_dir, model_id,
-                              disk_max_entries=config.latent_cache_disk_entries,
-                              enabled=config.latent_cache)  # fmt: skip
-        scheduler = Scheduler(
-            engine, latents,
-            max_batch_size=config.max_batch_size, batch_wait_s=config.batch_wait_ms / 1000,
-            observer=SchedulerMetrics(metrics) if metrics else None, on_fatal=_exit_on_fatal,
-            scheduling=config.scheduling, max_batch_tokens=config.max_batch_tokens,
-            stream_settings=StreamSettings(config.stream_first_chunk_s, config.stream_max_chunk_s,
-                                           config.stream_buffer_s),
-            vocoder_span_s=config.vocoder_span_s or None,
-        )  # fmt: skip
+        scheduler = make_scheduler(config, engine, metrics)
         await scheduler.start()
-
-        async def close_at_loop_end():
-            # The SDK ends its loop with asyncio.run's clean-up, which cancels the tasks left: close what the
-            # worker opened then, so that shutdown leaves no unclosed session behind.
-            try:
-                await asyncio.Event().wait()
-            finally:
-                await scheduler.close()
-                await references.close()
-                await storage.close()
-
-        _background.add(asyncio.get_running_loop().create_task(close_at_loop_end(), name="close-at-loop-end"))
+        _close_at_loop_end(scheduler, references, storage)
         progress = None
         if os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):  # RunPod's production loop: it has a progress channel
             import runpod
@@ -214,11 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     for note in config.advisories():
         log.warning("%s", note)
     log.info("configuration: %s", config.summary())
+    metrics = _start_metrics(config)
+    if metrics is None:
+        return EXIT_CONFIG
+    if config.server_mode == "http":
+        _raise_open_files_limit()
+        if ignored := (sys.argv[1:] if argv is None else argv):
+            log.warning("arguments ignored with SERVER_MODE=http (they are RunPod SDK flags): %s", " ".join(ignored))
+        return _serve_http(config, metrics)
+    return _serve_queue(config, metrics, argv)
 
-    import uvloop
+
+def _start_metrics(config):
+    """The worker's metrics, served on METRICS_PORT (0: not served); None when the port cannot be bound."""
     from prometheus_client import CollectorRegistry
 
-    from server.handler import make_concurrency_modifier, make_handler
     from server.metrics import Metrics, start_metrics_server
 
     registry = CollectorRegistry()
@@ -229,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot serve metrics on %s:%d: %s", config.metrics_host, config.metrics_port,
                       exc.strerror or exc)  # fmt: skip
-            return EXIT_CONFIG
+            return None
+    return metrics
 
-    if config.server_mode == "http":
-        _raise_open_files_limit()
-        if ignored := (sys.argv[1:] if argv is None else argv):
-            log.warning("arguments ignored with SERVER_MODE=http (they are RunPod SDK flags): %s", " ".join(ignored))
-        return _serve_http(config, metrics)
+
+def _serve_queue(config, metrics, argv: list[str] | None) -> int:
+    """SERVER_MODE=queue: RunPod's job loop (runpod.serverless.start) with the model loaded and warm first."""
+    import uvloop
+
+    from server.handler import make_concurrency_modifier, make_handler
 
     try:
         asyncio.run(check_storage(config.storage))

@@ -28,6 +28,9 @@ Variables read here (defaults in brackets):
     LATENT_CACHE_DIR      speaker latents persisted on disk ('' = off)             [/tmp/latent_cache]
     LATENT_CACHE_DISK_ENTRIES  most latent files kept on disk                       [2000]
     XTTS_VOCODER_BATCHING auto | batched | per_row (auto: batched on CUDA)          [auto]
+    XTTS_KV_CACHE         auto | static | dynamic: the GPT's KV cache (auto: static on CUDA, dynamic on CPU) [auto]
+    XTTS_CUDA_GRAPHS      auto | on | off: replay CUDA graphs of the decoding step (auto: on CUDA, after a
+                          self-check; on: a failed capture or check is an error; needs the static cache) [auto]
     XTTS_ENGINE           batched | stock: stock decodes row by row as Xtts.inference (the seed's path,
                           for benchmark baselines)                                  [batched]
     MAX_TEXT_CHARS        longest gen_text accepted                                 [5000]
@@ -88,6 +91,8 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 GPT_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VOCODER_MODES: tuple[str, ...] = ("auto", "batched", "per_row")
+KV_CACHES: tuple[str, ...] = ("auto", "static", "dynamic")  # batching.engine.KV_CACHES
+CUDA_GRAPH_MODES: tuple[str, ...] = ("auto", "on", "off")  # batching.graphs.CUDA_GRAPH_MODES
 ENGINES: tuple[str, ...] = ("batched", "stock")
 SCHEDULINGS: tuple[str, ...] = ("continuous", "static")
 SERVER_MODES: tuple[str, ...] = ("queue", "http")
@@ -198,6 +203,17 @@ def _with_http_settings(config: WorkerConfig, read: EnvReader) -> WorkerConfig:
     return config
 
 
+def _check_cuda_graphs(config: WorkerConfig, read: EnvReader) -> None:
+    """XTTS_CUDA_GRAPHS=on replays the static cache's shapes on a CUDA device: refused at start where the
+    settings already rule that out (the engine checks the rest once it knows its device)."""
+    if config.cuda_graphs != "on":
+        return
+    if config.kv_cache == "dynamic":
+        read.fail("XTTS_CUDA_GRAPHS", "auto or off with XTTS_KV_CACHE=dynamic (graphs need the static cache)", "on")
+    if config.device == "cpu":
+        read.fail("XTTS_CUDA_GRAPHS", "auto or off with XTTS_DEVICE=cpu (graphs need a CUDA device)", "on")
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything the worker reads from its environment. Build it with `WorkerConfig.from_env(os.environ)`."""
@@ -216,6 +232,8 @@ class WorkerConfig:
     latent_cache_dir: str | None = "/tmp/latent_cache"
     latent_cache_disk_entries: int = 2000
     vocoder_batching: str = "auto"
+    kv_cache: str = "auto"
+    cuda_graphs: str = "auto"
     engine: str = "batched"
     max_text_chars: int = 5000
     job_timeout_s: float = 600.0
@@ -276,6 +294,8 @@ class WorkerConfig:
             latent_cache_dir=env.get("LATENT_CACHE_DIR", "/tmp/latent_cache").strip() or None,
             latent_cache_disk_entries=read.integer("LATENT_CACHE_DISK_ENTRIES", 2000, minimum=1),
             vocoder_batching=read.choice("XTTS_VOCODER_BATCHING", "auto", VOCODER_MODES),
+            kv_cache=read.choice("XTTS_KV_CACHE", "auto", KV_CACHES),
+            cuda_graphs=read.choice("XTTS_CUDA_GRAPHS", "auto", CUDA_GRAPH_MODES),
             engine=read.choice("XTTS_ENGINE", "batched", ENGINES),
             max_text_chars=read.integer("MAX_TEXT_CHARS", 5000, minimum=1),
             job_timeout_s=read.number("JOB_TIMEOUT_S", 600.0, minimum=0.0, exclusive=True),
@@ -295,6 +315,7 @@ class WorkerConfig:
         )
         if config.server_mode == "http":  # read only where they mean something: a queue worker ignores them
             config = _with_http_settings(config, read)
+        _check_cuda_graphs(config, read)
         if config.stream_max_chunk_s < config.stream_first_chunk_s:
             read.fail("STREAM_MAX_CHUNK_S", f"at least STREAM_FIRST_CHUNK_S ({config.stream_first_chunk_s:g})",
                       str(config.stream_max_chunk_s))  # fmt: skip

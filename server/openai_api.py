@@ -9,7 +9,7 @@ Request body (JSON):
     voice            -> voice_id: a voice id, or OpenAI's custom-voice object {"id": "..."}. Its reference audio is
                      VOICE_REF_URL_TEMPLATE with `{voice}` replaced, read through the same URL allow-lists and
                      reference cache as a queue job's ref_audio_url
-    response_format  mp3 (OpenAI's default) | opus | aac | flac | wav | pcm (server.speech_formats)
+    response_format  mp3 (OpenAI's default) | opus | aac | flac | wav | pcm (storage.audio.OUTPUT_FORMATS)
     speed            -> speed; OpenAI allows 0.25-4.0, XTTS-v2 0.5-2.0: this server's range applies, and its error
                      says so
     instructions     refused unless empty: XTTS-v2 takes its style from the reference audio and cannot follow
@@ -52,10 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.config import VOICE_PLACEHOLDER
-from server.speech_formats import RESPONSE_FORMATS
 from server.validation import (
     TTSRequest, ValidationError, describe_value, error_output, short_value, validate_request,
 )  # fmt: skip
+from storage.audio import RESPONSE_FORMATS
 from storage.errors import InvalidVoiceIdError
 from storage.urls import validate_voice_id
 

@@ -10,7 +10,7 @@
     _http.py     shared aiohttp session, guarded DNS, capped streaming, error mapping
     retry.py     backoff with jitter under a deadline
     cache.py     ReferenceCache: voice_id + reference -> file on disk (LRU, atomic, single-flight)
-    audio.py     decode references for the model, encode results (SUPPORTED_OUTPUT_FORMATS: the one list)
+    audio.py     decode references for the model, encode results and HTTP bodies (OUTPUT_FORMATS: the one format table)
     results.py   store_result: generated/{voice_id}_{time}_{hex}.{ext} + signed URL
     errors.py    the error hierarchy (stable error_code, retryable)
 """

@@ -17,9 +17,31 @@ use (after mono mix, resampling and trimming; each window's mean removed, so a D
 `min_level_dbfs` (dB relative to a full-scale square wave). The loudest window, not the overall level, so a mostly
 silent reference with a short voiced part is accepted.
 
-`encode` writes 16-bit WAV (default), 16-bit FLAC, OGG/Vorbis or MP3, in blocks of `_BLOCK_FRAMES` frames: one
-`sf.write` of a long signal overflows libvorbis's stack (libsndfile #1095: a segfault beyond ~87 s of OGG).
-Both are CPU work: in the event loop use `decode_reference_async` / `encode_async`, which run them in a worker thread.
+Output: ONE table, `OUTPUT_FORMATS` (name -> container, codec, content type, extension, whether a queue job may
+store it, whether an HTTP body streams it as it is made). A queue job's result (`encode`: SUPPORTED_OUTPUT_FORMATS)
+is 16-bit WAV (default), 16-bit FLAC, OGG/Vorbis or MP3, written in blocks of `_BLOCK_FRAMES` frames: one `sf.write`
+of a long signal overflows libvorbis's stack (libsndfile #1095: a segfault beyond ~87 s of OGG). An HTTP response
+(OpenAI's response_format, RESPONSE_FORMATS) is one of:
+
+    format  Content-Type            streamed as made  how
+    pcm     audio/pcm               yes   16-bit little-endian mono samples at the engine's rate (24 kHz), no
+                                          header (what OpenAI's `pcm` is); `pcm_s16le`, the one PCM conversion
+                                          (RunPod's streamed audio items use it too)
+    wav     audio/wav               yes   a 44-byte header whose two sizes read 0xFFFFFFFF ("unknown", as OpenAI
+                                          streams it; libsndfile, FFmpeg and browsers read to the end), then pcm
+    opus    audio/ogg; codecs=opus  yes   Ogg Opus by libsndfile, written to an append-only sink: libsndfile writes
+                                          an Ogg stream page by page and never goes back, so each page is final
+    mp3     audio/mpeg              no    libsndfile (LAME) writes a placeholder first frame and rewrites it at the
+                                          end (the Xing/LAME frame count): a copy sent as it is made decodes short
+                                          in libsndfile/mpg123 (measured: 0.65 s of 3.3 s)
+    flac    audio/flac              no    libsndfile rewrites STREAMINFO (total samples, MD5) at the end; a stream
+                                          without it is valid FLAC, but libsndfile itself cannot read it back
+    aac     audio/aac               no    AAC in ADTS frames, FFmpeg's encoder through torchcodec (already loaded
+                                          with torchaudio)
+
+A streamed format's body goes out piece by piece (`StreamEncoder`); the others are encoded whole (`encode_whole`).
+All of it is CPU work: in the event loop use `decode_reference_async` / `encode_async` / `encode_whole_async` (and
+StreamEncoder runs Opus in a thread), which run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -28,6 +50,8 @@ import asyncio
 import io
 import math
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +60,38 @@ import soundfile as sf
 from .errors import InvalidAudioError, UnsupportedFormatError
 
 SUPPORTED_INPUT_FORMATS = ("WAV", "FLAC", "OGG", "MP3")
-SUPPORTED_OUTPUT_FORMATS = ("wav", "flac", "ogg", "mp3")
-CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
-_SF_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
-               "mp3": ("MP3", "MPEG_LAYER_III")}
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One row of OUTPUT_FORMATS."""
+
+    name: str
+    container: str | None  # libsndfile's format; None: written by hand (pcm) or by FFmpeg (aac)
+    codec: str | None  # libsndfile's subtype, or what writes it
+    content_type: str
+    extension: str
+    stored: bool  # a queue job may ask for it (output_format): encode() writes it, store_result() names it
+    streamed: bool  # an HTTP body in this format is written as the audio is made (StreamEncoder)
+
+
+OUTPUT_FORMATS: dict[str, OutputFormat] = {
+    row.name: row
+    for row in (
+        OutputFormat("wav", "WAV", "PCM_16", "audio/wav", "wav", stored=True, streamed=True),
+        OutputFormat("flac", "FLAC", "PCM_16", "audio/flac", "flac", stored=True, streamed=False),
+        OutputFormat("ogg", "OGG", "VORBIS", "audio/ogg", "ogg", stored=True, streamed=False),
+        OutputFormat("mp3", "MP3", "MPEG_LAYER_III", "audio/mpeg", "mp3", stored=True, streamed=False),
+        OutputFormat("opus", "OGG", "OPUS", "audio/ogg; codecs=opus", "opus", stored=False, streamed=True),
+        OutputFormat("aac", None, "aac (FFmpeg, ADTS)", "audio/aac", "aac", stored=False, streamed=False),
+        OutputFormat("pcm", None, "pcm_s16le", "audio/pcm", "pcm", stored=False, streamed=True),
+    )
+}  # fmt: skip
+SUPPORTED_OUTPUT_FORMATS: tuple[str, ...] = tuple(name for name, row in OUTPUT_FORMATS.items() if row.stored)
+RESPONSE_FORMATS: tuple[str, ...] = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # OpenAI's, in OpenAI's order
+RESPONSE_TABLE: dict[str, OutputFormat] = {name: OUTPUT_FORMATS[name] for name in RESPONSE_FORMATS}  # a view
+CONTENT_TYPES: dict[str, str] = {name: OUTPUT_FORMATS[name].content_type for name in SUPPORTED_OUTPUT_FORMATS}
+WAV_UNKNOWN_SIZE = 0xFFFFFFFF
 MIN_REF_SECONDS = 1.0
 MAX_DECLARED_SECONDS = 600.0
 MAX_CHANNELS = 16
@@ -145,13 +197,14 @@ def encode(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, 
     if sample_rate < 1:
         raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
     samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-    container, subtype = _SF_FORMATS[fmt]
+    row = OUTPUT_FORMATS[fmt]
+    container, subtype = row.container, row.codec
     buffer = io.BytesIO()
     # Block by block: one write of a long signal overflows libvorbis's stack (libsndfile #1095).
     with sf.SoundFile(buffer, "w", samplerate=sample_rate, channels=1, format=container, subtype=subtype) as out:
         for start in range(0, samples.size, _BLOCK_FRAMES):
             out.write(samples[start: start + _BLOCK_FRAMES])
-    return buffer.getvalue(), CONTENT_TYPES[fmt]
+    return buffer.getvalue(), row.content_type
 
 
 def normalize_format(fmt: str) -> str:
@@ -170,6 +223,134 @@ async def decode_reference_async(source: str | os.PathLike[str] | bytes, target_
 
 async def encode_async(wav: np.ndarray, sample_rate: int, fmt: str = "wav") -> tuple[bytes, str]:
     return await asyncio.to_thread(encode, wav, sample_rate, fmt)
+
+
+# ---------------------------------------------------------------------- HTTP bodies (RESPONSE_FORMATS)
+
+
+def pcm_s16le(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] (clipped) as 16-bit little-endian PCM: the one conversion (RunPod's streamed
+    items, the pcm and wav bodies)."""
+    return np.clip(np.rint(np.asarray(samples, dtype=np.float32) * 32767.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A 16-bit mono PCM WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
+    fmt = struct.pack("<HHIIHH", 1, 1, sample_rate, sample_rate * 2, 2, 16)
+    return (b"RIFF" + struct.pack("<I", WAV_UNKNOWN_SIZE) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", WAV_UNKNOWN_SIZE))  # fmt: skip
+
+
+class StreamEncoder:
+    """The body of a streamed format, piece by piece: `await feed(samples)`, then `await finish()`; each returns
+    the bytes to send now (possibly none)."""
+
+    def __init__(self, fmt: str, sample_rate: int):
+        if not OUTPUT_FORMATS[fmt].streamed:
+            raise ValueError(f"{fmt} is not a streamed format")
+        self.fmt = fmt
+        self.sample_rate = sample_rate
+        self._started = False
+        self._opus: _OpusWriter | None = _OpusWriter(sample_rate) if fmt == "opus" else None
+
+    async def feed(self, samples: np.ndarray) -> bytes:
+        if self._opus is not None:
+            return await asyncio.to_thread(self._opus.write, samples)
+        head = b""
+        if not self._started and self.fmt == "wav":
+            head = wav_stream_header(self.sample_rate)
+        self._started = True
+        return head + pcm_s16le(samples)
+
+    async def finish(self) -> bytes:
+        if self._opus is not None:
+            return await asyncio.to_thread(self._opus.close)
+        return await self.feed(np.zeros(0, dtype=np.float32))  # a WAV header, if no audio came at all
+
+
+class _AppendOnlySink(io.RawIOBase):
+    """A file for libsndfile that keeps only what was written since the last `take()`. It refuses to move back
+    (a writer that rewrites its header could not be streamed): an Ogg writer never does."""
+
+    def __init__(self):
+        super().__init__()
+        self._pending = bytearray()
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._pending += bytes(data)
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._position + offset  # the end is the position
+        if target != self._position:
+            raise OSError(f"a streamed encoder may only append (asked to move from {self._position} to {target})")
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def take(self) -> bytes:
+        data, self._pending = bytes(self._pending), bytearray()
+        return data
+
+
+class _OpusWriter:
+    """Ogg Opus through libsndfile into an append-only sink (one per response; one thread at a time)."""
+
+    def __init__(self, sample_rate: int):
+        self._sink = _AppendOnlySink()
+        self._file = sf.SoundFile(self._sink, "w", samplerate=sample_rate, channels=1, format="OGG", subtype="OPUS")
+
+    def write(self, samples: np.ndarray) -> bytes:
+        self._file.write(np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0))
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        self._file.close()
+        return self._sink.take()
+
+
+def encode_whole(wav: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    """The whole audio in `fmt` (any of RESPONSE_FORMATS): an HTTP body that is not streamed."""
+    if fmt in ("mp3", "flac", "wav"):
+        return encode(wav, sample_rate, fmt)[0]
+    if fmt == "pcm":
+        return pcm_s16le(wav)
+    if fmt == "opus":
+        writer = _OpusWriter(sample_rate)
+        return writer.write(wav) + writer.close()
+    if fmt == "aac":
+        return _aac(wav, sample_rate)
+    raise ValueError(f"unknown response format {fmt!r}")
+
+
+async def encode_whole_async(wav: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    return await asyncio.to_thread(encode_whole, wav, sample_rate, fmt)
+
+
+def _aac(wav: np.ndarray, sample_rate: int) -> bytes:
+    import torch
+    from torchcodec.encoders import AudioEncoder
+
+    samples = torch.from_numpy(np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0)).reshape(1, -1)
+    return AudioEncoder(samples, sample_rate=sample_rate).to_tensor(format="adts").numpy().tobytes()
+
+
+# ---------------------------------------------------------------------- decoding, inside
 
 
 def _check_header(rate: int, channels: int, frames: int, fmt: str, max_declared_seconds: float) -> None:

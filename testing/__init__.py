@@ -5,6 +5,9 @@
 - `faultproxy`: a reverse proxy that injects faults and latency (`FaultProxy`);
 - `voices`: synthetic reference voices and cached demo checkpoints;
 - `stock_reference`: stock `Xtts.inference`, the oracle the engine's output is compared with;
+- `handler_world`: the handler tests' world (`world` fixture: local storage with the seed's voice, a reference
+  cache, metrics, handlers on a given scheduler), `ScriptedScheduler`, `seed_input`, the seed's output keys;
+- `worker_config`: WorkerConfig from a test's environment with a stand-in storage config (`build`);
 - `loopback`: free ports, an aiohttp app on 127.0.0.1 (`LoopbackApp`), a server process waited on until its URL
   answers (`ServerProcess`, `wait_for_http`).
 

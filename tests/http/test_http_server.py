@@ -1,6 +1,6 @@
 """server.http_server in this process, driven by the real `openai` client (AsyncOpenAI) and aiohttp: admission (key,
 state, MAX_CONCURRENCY -> 429), error shapes, a failure after the status was sent, a client that disconnects. The
-storage side is real (local backend, reference cache: tests/server/test_handler.py's `world`); the scheduler is a
+storage side is real (local backend, reference cache: testing/handler_world.py's `world`); the scheduler is a
 hand-written stand-in (`FakeSpeech`) so each test decides when audio comes, whether it fails, and sees its stream
 closed. The real process, engine and GCS emulator are in test_openai_client.py."""
 
@@ -23,7 +23,7 @@ from batching.errors import BatchError
 from batching.streaming import AudioChunk
 from server.http_server import MAX_BODY_BYTES, HttpApi
 from testing.loopback import LoopbackApp
-from tests.server.test_handler import sample, world  # noqa: F401  (the fixture)
+from testing.handler_world import sample, world  # noqa: F401  (the fixture)
 
 KEY = "test-key-0123456789"
 SR = 24000

@@ -1,5 +1,5 @@
 """server.openai_api: OpenAI's speech request onto the seed's input (same rules, same codes; fields named as the
-caller sent them) and the one table from error codes to HTTP statuses; server.speech_formats: each response format
+caller sent them) and the one table from error codes to HTTP statuses; storage.audio: each response format
 decodes to the audio it was given, whether streamed piece by piece or encoded whole."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import soundfile as sf
 import batching.errors
 import storage.errors
 from server.openai_api import STATUS_BY_CODE, ApiError, error_body, speech_call, status_for
-from server.speech_formats import FORMATS, RESPONSE_FORMATS, StreamEncoder, encode_whole
+from storage.audio import RESPONSE_FORMATS, StreamEncoder, encode_whole
+from storage.audio import RESPONSE_TABLE as FORMATS
 from server.validation import ValidationError
 
 TEMPLATE = "gs://my-bucket/voices/{voice}.wav"

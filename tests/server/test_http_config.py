@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import ConfigError
-from tests.server.test_worker_config import build
+from testing.worker_config import build
 
 KEY = "sk-live-PLANTED-0f9e8d7c"
 

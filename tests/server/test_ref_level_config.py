@@ -33,7 +33,7 @@ def test_bad_values_name_the_variable_and_the_value(value):
 def test_the_handler_passes_the_floor_to_the_decoder():
     import inspect
 
-    from server import handler
+    from server import synthesis as handler  # the job steps, where the decoder is called
 
     source = inspect.getsource(handler)
     assert "min_level_dbfs=ctx.config.ref_min_level_dbfs" in source

@@ -1,6 +1,6 @@
 """server.handler with STREAMING=on: the handler is an async generator; a job yields its audio items (16-bit PCM,
 base64) in order, then a result item with the seed's keys; joined, the items are the stored file's audio. On the
-real scheduler with the tiny demo engine and real local storage (tests/server/test_handler.py's `world`)."""
+real scheduler with the tiny demo engine and real local storage (testing/handler_world.py's `world`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from batching.errors import BatchError
 from server.handler import MAX_ITEM_S, audio_items, make_handler
 from server.metrics import SchedulerMetrics
 from batching.streaming import AudioChunk
-from tests.server.test_handler import EXTRA_KEYS, SEED_KEYS, ScriptedScheduler, sample, seed_input, world  # noqa: F401
+from testing.handler_world import EXTRA_KEYS, SEED_KEYS, ScriptedScheduler, sample, seed_input
 
 TEXT = "Olá! Este é um teste de streaming, com duas frases. A segunda frase é um pouco mais longa que a primeira."
 

@@ -8,24 +8,7 @@ import json
 import pytest
 
 from server.config import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_CONCURRENCY, ConfigError, WorkerConfig
-
-SECRET = "-----BEGIN PRIVATE KEY-----very-secret-----END PRIVATE KEY-----"
-
-
-class FakeStorageConfig:
-    """Stands in for storage.config.StorageConfig: records the env it was built from, holds a secret."""
-
-    def __init__(self, env):
-        self.env = dict(env)
-        self.credentials = SECRET
-
-    def __repr__(self) -> str:  # a careless storage repr must still not reach WorkerConfig's repr
-        return f"FakeStorageConfig(credentials={self.credentials!r})"
-
-
-def build(env: dict[str, str]) -> WorkerConfig:
-    return WorkerConfig.from_env(env, storage_from_env=FakeStorageConfig)
-
+from testing.worker_config import SECRET, FakeStorageConfig, build
 
 def test_defaults_from_an_empty_environment():
     config = build({})
@@ -115,6 +98,41 @@ def test_a_bad_value_is_named_with_the_variable(name, value, message):
     with pytest.raises(ConfigError) as info:
         build({name: value})
     assert str(info.value).startswith(message)
+    assert info.value.error_code == "invalid_config"
+
+
+def test_the_kv_cache_and_cuda_graphs_are_read_and_reach_the_engine():
+    import inspect
+
+    from batching.engine import KV_CACHES
+    from batching.graphs import CUDA_GRAPH_MODES
+    from server import __main__ as entry
+    from server.config import CUDA_GRAPH_MODES as GRAPH_CHOICES, KV_CACHES as CACHE_CHOICES
+
+    assert (CACHE_CHOICES, GRAPH_CHOICES) == (KV_CACHES, CUDA_GRAPH_MODES)  # the engine's own choices
+    assert (build({}).kv_cache, build({}).cuda_graphs) == ("auto", "auto")
+    config = build({"XTTS_KV_CACHE": " Static ", "XTTS_CUDA_GRAPHS": "ON"})
+    assert (config.kv_cache, config.cuda_graphs) == ("static", "on")
+    assert build({"XTTS_KV_CACHE": "dynamic", "XTTS_CUDA_GRAPHS": "off"}).kv_cache == "dynamic"
+    source = inspect.getsource(entry.load_engine)
+    assert "kv_cache=config.kv_cache" in source and "cuda_graphs=config.cuda_graphs" in source
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"XTTS_KV_CACHE": "paged"}, "XTTS_KV_CACHE must be one of auto, static, dynamic, got 'paged'"),
+        ({"XTTS_CUDA_GRAPHS": "yes"}, "XTTS_CUDA_GRAPHS must be one of auto, on, off, got 'yes'"),
+        ({"XTTS_CUDA_GRAPHS": "on", "XTTS_KV_CACHE": "dynamic"},
+         "XTTS_CUDA_GRAPHS must be auto or off with XTTS_KV_CACHE=dynamic (graphs need the static cache), got 'on'"),
+        ({"XTTS_CUDA_GRAPHS": "on", "XTTS_DEVICE": "cpu"},
+         "XTTS_CUDA_GRAPHS must be auto or off with XTTS_DEVICE=cpu (graphs need a CUDA device), got 'on'"),
+    ],
+)  # fmt: skip
+def test_a_bad_kv_cache_or_cuda_graphs_value_names_the_variable_and_the_choices(env, message):
+    with pytest.raises(ConfigError) as info:
+        build(env)
+    assert str(info.value) == message
     assert info.value.error_code == "invalid_config"
 
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from batching import LatentCache, Scheduler
 from server.metrics import CACHES, STAGES, Metrics, MetricsServer, SchedulerMetrics, start_metrics_server
 from testing.fake_engine import SAMPLES_PER_CHAR, FakeEngine
-from tests.server.test_handler import seed_input, world  # noqa: F401  (world: the handler tests' fixture)
+from testing.handler_world import seed_input
 
 
 @pytest.fixture
