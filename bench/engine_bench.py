@@ -143,6 +143,12 @@ def vocoder_alone(engine, requests: list[Request], latents: list, params) -> tup
     return audio_s, wall_s
 
 
+def _cache_ratios(rows: list[dict]) -> dict[str, float]:
+    """Per batch size: the static cache's audio-s/s over the dynamic one's, from the same ABBA run."""
+    rate = {(r["batch_size"], r["kv_cache"]): r["audio_s_per_s"] for r in rows if r.get("kv_cache")}
+    return {str(b): rate[(b, "static")] / rate[(b, "dynamic")] for b, c in rate if c == "static"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench engine", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", choices=["tiny", "small", "full"])
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--vocoder", default="auto", choices=["auto", "batched", "per_row"])
+    parser.add_argument("--kv-caches", default="dynamic",
+                        help="the batched engine's KV caches to time, comma-separated (dynamic, static): each on "
+                        "an engine of its own, in the same ABBA run (XTTS_KV_CACHE)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--order", default="abba", choices=["abba", "once"],
                         help="abba: each path twice, forward then backward, summed (drift in the machine's load "
@@ -167,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_sizes = [int(b) for b in ns.batch_sizes.split(",")]
     model_dir = Path(ns.model_dir) if ns.model_dir else demo_checkpoint(ns.size)
-    engine = XttsEngine.load(model_dir, device=ns.device, vocoder=ns.vocoder)
+    caches = ns.kv_caches.split(",")
+    engines = {c: XttsEngine.load(model_dir, device=ns.device, vocoder=ns.vocoder, kv_cache=c) for c in caches}
+    engine = engines[caches[0]]
     # The seed's path on a model of its own, loaded as coqui loads it (HiFi-GAN keeps its weight norm; the
     # batched engine folds it into its copy).
     stock = StockEngine.load(model_dir, device=ns.device)
@@ -184,24 +195,25 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         latents = [engine.condition(sf.read(p, dtype="float32")[0], 22050) for p in refs]
         conditioning_s = (time.perf_counter() - t0) / len(refs)
-        batched_path(engine, warm, latents, params, 1)
+        for e in engines.values():
+            batched_path(e, warm, latents, params, 1)
 
-        paths = [("seed", 1)] + [("batched", b) for b in batch_sizes]
+        paths = [("seed", 1, None)] + [("batched", b, c) for b in batch_sizes for c in caches]
         totals = {p: [0.0, 0.0] for p in paths}
         for path in paths + paths[::-1] if ns.order == "abba" else paths:
-            kind, b = path
+            kind, b, cache = path
             if kind == "seed":
                 audio, wall = seed_path(stock, requests, refs, params)
             else:
-                audio, wall = batched_path(engine, requests, latents, params, b)
+                audio, wall = batched_path(engines[cache], requests, latents, params, b)
             totals[path][0] += audio
             totals[path][1] += wall
-        seed_rate = totals[("seed", 1)][0] / totals[("seed", 1)][1]
+        seed_rate = totals[("seed", 1, None)][0] / totals[("seed", 1, None)][1]
         rows = []
-        for (kind, b), (audio, wall) in totals.items():
+        for (kind, b, cache), (audio, wall) in totals.items():
             name = ("seed (conditioning + stock Xtts.inference, one at a time)" if kind == "seed"
-                    else "batched engine, cached latents")  # fmt: skip
-            rows.append({"path": name, "batch_size": b, "audio_s": audio, "wall_s": wall,
+                    else "batched engine, cached latents" + (f" (KV cache: {cache})" if len(caches) > 1 else ""))
+            rows.append({"path": name, "batch_size": b, "kv_cache": cache, "audio_s": audio, "wall_s": wall,
                          "audio_s_per_s": audio / wall, "ratio": audio / wall / seed_rate})  # fmt: skip
         audio, wall = vocoder_alone(engine, requests, latents, params)
         rows.append({"path": "vocoder alone, same segments (a ceiling on this device)", "batch_size": None,
@@ -221,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         "order": ns.order,
         "voices": ns.voices,
         "conditioning_s_per_voice": conditioning_s,
+        "kv_caches": caches,
         "rows": rows,
+        **({"static_over_dynamic": _cache_ratios(rows)} if {"static", "dynamic"} <= set(caches) else {}),
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{ns.name or f'engine-{ns.size}-{engine.device.type}'}.json"
@@ -244,6 +258,9 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['path']} | {r['batch_size'] or '–'} | {r['audio_s']:.1f} | {r['wall_s']:.1f} | "
                      f"{r['audio_s_per_s']:.2f} | {r['ratio']:.2f}x |")  # fmt: skip
+    if report.get("static_over_dynamic"):
+        lines += ["", "Static KV cache over dynamic, same run: " + ", ".join(
+            f"batch {b}: {x:.3f}x" for b, x in report["static_over_dynamic"].items())]
     return "\n".join(lines)
 
 

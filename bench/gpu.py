@@ -220,7 +220,7 @@ def _timed_generate(engine, segments, device) -> tuple[float, float, float]:
 def half_precision(ctx) -> dict:
     import torch
 
-    from batching.engine import SamplingParams, Segment
+    from batching.engine import SamplingParams
 
     engine, budget, device = ctx.engine, ctx.budget, ctx.device
     n = ctx.args.half_rows

@@ -247,6 +247,7 @@ async def _load_point(ctx, voices: _Voices, mix, arrivals, scheduling: str, c: i
         "wall_s": wall, "audio_s": audio, "audio_s_per_s": audio / wall if wall else None,
         "rtf": wall / audio if audio else None, "requests_per_s": len(ok) / wall if wall else None,
         "latency_p50_s": _p(latencies, 0.5), "latency_p95_s": _p(latencies, 0.95),
+        "latency_max_s": max(latencies, default=None),
         "short_p50_s": _p([r["latency_s"] for r in ok if r["chars"] <= SHORT_JOB_CHARS and not r["streamed"]], 0.5),
         "streamed": sum(r["streamed"] for r in ok),
         "stream_first_audio_p50_s": _p([r.get("first_audio_s") for r in ok if r["streamed"]], 0.5),

@@ -4,7 +4,6 @@ since the last read, and the job's status); the time to first audio is when the 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest

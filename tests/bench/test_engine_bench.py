@@ -28,6 +28,21 @@ def test_engine_bench_runs_every_path_on_the_same_audio(tmp_path, monkeypatch, c
     assert "| vocoder alone, same segments (a ceiling on this device) | – |" in out and "summed" in out
 
 
+def test_engine_bench_times_both_kv_caches_in_one_run_on_the_same_audio(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engine_bench, "RESULTS", tmp_path)
+    assert engine_bench.main(["--size", "tiny", "--requests", "2", "--voices", "1", "--batch-sizes", "2",
+                              "--kv-caches", "dynamic,static", "--name", "t"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "t.json").read_text())
+    seed, dynamic, static, _ = report["rows"]
+    assert (dynamic["kv_cache"], static["kv_cache"]) == ("dynamic", "static")
+    assert "KV cache: static" in static["path"]
+    # Seeded rows give the same audio on either cache, so both made exactly the seed path's seconds.
+    assert dynamic["audio_s"] == pytest.approx(seed["audio_s"], rel=1e-6) == static["audio_s"]
+    ratio = report["static_over_dynamic"]["2"]
+    assert ratio == pytest.approx(static["audio_s_per_s"] / dynamic["audio_s_per_s"])
+    assert f"batch 2: {ratio:.3f}x" in capsys.readouterr().out
+
+
 def test_python_m_bench_engine_is_the_engine_benchmark(monkeypatch):
     from bench.__main__ import main
 
