@@ -8,7 +8,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +74,11 @@ def http_env(folder: Path, port: int, metrics_port: int, **settings: str) -> dic
     return env
 
 
-def start_http_worker(name: str, env: Mapping[str, str], log_path: Path) -> HttpWorker:
-    """Start the worker and wait until GET /ping answers 200 (the model loaded and warm)."""
-    server = ServerProcess([sys.executable, "-m", "server"], log_path, env=env, cwd=ROOT, what=name).start()
+def start_http_worker(name: str, env: Mapping[str, str], log_path: Path, wrapper: Sequence[str] = ()) -> HttpWorker:
+    """Start the worker (`python -m server`, run by `wrapper` if given, e.g. a shell that sets a ulimit first and
+    then execs its arguments) and wait until GET /ping answers 200 (the model loaded and warm)."""
+    argv = [*wrapper, sys.executable, "-m", "server"]
+    server = ServerProcess(argv, log_path, env=env, cwd=ROOT, what=name).start()
     OPEN_LOGS[name] = log_path
     worker = HttpWorker(name, server, int(env["PORT"]), int(env["METRICS_PORT"]))
     try:

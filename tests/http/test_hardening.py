@@ -60,19 +60,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpWorker]:
 
 def _start_limited(env: dict[str, str], folder) -> HttpWorker:
     """start_http_worker, the worker under `ulimit -n FD_LIMIT` (soft and hard: it cannot raise it)."""
-    import tests.http.conftest as conftest
-
-    real = conftest.ServerProcess
-
-    class Limited(real):
-        def __init__(self, argv, *args, **kwargs):
-            super().__init__(["bash", "-c", f"ulimit -n {FD_LIMIT} && exec \"$@\"", "worker", *argv], *args, **kwargs)
-
-    conftest.ServerProcess = Limited
-    try:
-        return start_http_worker("hardening-worker", env, folder / "worker.log")
-    finally:
-        conftest.ServerProcess = real
+    wrapper = ["bash", "-c", f"ulimit -n {FD_LIMIT} && exec \"$@\"", "worker"]
+    return start_http_worker("hardening-worker", env, folder / "worker.log", wrapper)
 
 
 def request(worker: HttpWorker, path: str, body: bytes, headers: dict[str, str] | None = None,

@@ -22,8 +22,8 @@ from batching import SpeechResult
 from batching.errors import BatchError
 from batching.streaming import AudioChunk
 from server.http_server import MAX_BODY_BYTES, HttpApi
-from testing.loopback import LoopbackApp
 from testing.handler_world import sample, world  # noqa: F401  (the fixture)
+from testing.loopback import LoopbackApp
 
 KEY = "test-key-0123456789"
 SR = 24000

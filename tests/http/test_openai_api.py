@@ -16,9 +16,9 @@ import soundfile as sf
 import batching.errors
 import storage.errors
 from server.openai_api import STATUS_BY_CODE, ApiError, error_body, speech_call, status_for
+from server.validation import ValidationError
 from storage.audio import RESPONSE_FORMATS, StreamEncoder, encode_whole
 from storage.audio import RESPONSE_TABLE as FORMATS
-from server.validation import ValidationError
 
 TEMPLATE = "gs://my-bucket/voices/{voice}.wav"
 
