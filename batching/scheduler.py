@@ -1,19 +1,32 @@
-"""The GPU scheduler: one asyncio task owns the queue of waiting segments; one thread owns the model.
+"""The GPU scheduler's front door: one asyncio task owns the queue of waiting segments; one thread owns the model.
 
-    handler ──submit(request)──▶ text split + voice latents (LatentCache) ──▶ waiting segments
+    handler ──submit(request) / stream(request)──▶ text split + voice latents (LatentCache) ──▶ waiting segments
 
-SCHEDULING=continuous (the default; an engine with the step-level calls):
+This module holds what the handler sees (submit, stream, start, close; the records it takes and gives, re-exported
+from batching.records) and the lifecycle (enqueue, abandon, fatal). The rest lives in rooms named for it:
+
+    batching/records.py     SpeechRequest, SpeechResult, StreamSettings; _Request (delivers its audio), _Row
+    batching/waiting.py     the waiting queue (budgets in, rows out; TGI's queue.rs)
+    batching/static.py      the static loop (SCHEDULING=static, or a BatchEngine): whole batches, one by one
+    batching/continuous.py  the continuous core: schedule, execute (engine thread), update, at every step
+    batching/spans.py       which finished rows and which spans the vocoder takes in a tick
+    batching/failures.py    one row fails alone, non-finite audio, retries in halves
+    batching/protocols.py   the engine seam (BatchEngine, StepEngine)
+
+SCHEDULING=continuous (the default; an engine whose `supports_steps` is True):
 
     scheduler task, at every step boundary:
         rows whose request is gone (cancelled, failed, past its deadline) ──▶ evicted
         policy.next_admission(waiting, running, budgets) ──▶ rows that join
-        policy.next_vocode(finished rows) ──▶ the one row the vocoder takes now
-    engine thread, one tick: engine.evict ──▶ engine.admit ──▶ engine.step ──▶ engine.vocode(that row)
+        batching.spans ──▶ the vocoder's work: on the CPU one piece (policy.next_vocode: a finished row, or a
+                           span, the shortest first); where the engine vocodes in batches (CUDA), every pending
+                           finished row at once, and one span
+    engine thread, one tick: engine.evict ──▶ engine.admit ──▶ engine.step ──▶ engine.vocode / vocode_span
         ──▶ a request whose last segment is vocoded: segments re-joined in order, its future resolves
 
-    The vocoder interleaves with decoding steps on the engine thread (one finished row per step, the shortest
-    first), so a finished row waits for at most one step of the others, and a short job never waits behind long
-    rows' vocoding. Budgets: MAX_BATCH_SIZE rows and MAX_BATCH_TOKENS KV positions (see policy).
+    The vocoder interleaves with decoding steps on the engine thread, so a finished row waits for at most one step
+    of the others, and a short job never waits behind long rows' vocoding. Budgets: MAX_BATCH_SIZE rows and
+    MAX_BATCH_TOKENS KV positions (see policy).
 
     Streamed requests (`stream()`): their current segment is vocoded span by span while it decodes
     (batching.vocoder: the same samples as one call on the whole row), the first span of a request that has
@@ -26,16 +39,11 @@ stalled reader) is paused: its segments not yet started wait, out of the policy'
 below that bound again (its running segment finishes). So a stream holds at most buffer_s plus one segment of
 unread audio, and a stalled reader costs no GPU time.
 
-SCHEDULING=static (and engines without the step-level calls): policy.next_batch forms a batch that runs to
-completion (engine.generate), then the next.
-
 - A request whose caller went away (its task cancelled) or whose deadline passed is dropped before its
   segments cost GPU time.
-- One bad row never fails the others: a failing batch is split in halves and each half retried, down to the
-  row that fails; an out-of-memory batch is halved the same way. A row whose audio is not finite fails alone.
-  Continuous: a failing step restarts its rows from their prompts (same seeds, so the retry is deterministic) as
-  static batches split in halves; an out-of-memory step halves the row budget (and the KV budget to what was in
-  use) and re-admits its rows from their prompts, oldest first; the budgets come back when the batch drains.
+- One bad row never fails the others (batching.failures): a failing batch is retried in halves down to the row
+  that fails; a row whose audio is not finite fails alone. The continuous core's answers to a failing or
+  out-of-memory step are in batching.continuous.
 - A fatal device error (a CUDA error) fails every request in hand and calls `on_fatal`, which should make the
   worker exit so the platform replaces it.
 """
@@ -43,31 +51,30 @@ completion (engine.generate), then the next.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from batching import policy
 from batching.continuous import _ContinuousCore
 from batching.engine import VoiceLatents
 from batching.errors import EngineError, FatalEngineError, JobTimeoutError
 from batching.latents import LatentCache
+from batching.protocols import BatchEngine, StepEngine
 from batching.records import (
     PREEMPT_MIN_LEAD_S, SPOKEN_CHARS_PER_S, SpeechRequest, SpeechResult, StreamSettings, _Request, _Row,
-)
+)  # fmt: skip
 from batching.running import row_seed
 from batching.spans import _SpanPlanner
 from batching.static import _StaticLoop
 from batching.streaming import AudioChunk, StreamJoiner
-from batching.waiting import _WaitingQueue
+from batching.waiting import WaitingQueue
 
 __all__ = [
     "JobTimeoutError", "Observer", "PREEMPT_MIN_LEAD_S", "SPOKEN_CHARS_PER_S", "Scheduler", "SchedulerClosedError",
     "SpeechRequest", "SpeechResult", "StreamSettings",
-]
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +101,25 @@ class Observer:
     def rows_preempted(self, count: int) -> None: ...  # running rows sent back to the queue (policy.preempt)
 
 
-class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
+def _closing() -> SchedulerClosedError:
+    return SchedulerClosedError("the worker is shutting down; retry the job")
+
+
+def _check_settings(max_batch_size: int, batch_wait_s: float, scheduling: str, max_batch_tokens: int) -> None:
+    if max_batch_size < 1:
+        raise ValueError(f"MAX_BATCH_SIZE must be an integer >= 1, got {max_batch_size}")
+    if batch_wait_s < 0:
+        raise ValueError(f"BATCH_WAIT_MS must be >= 0, got {batch_wait_s * 1000:g}")
+    if scheduling not in ("continuous", "static"):
+        raise ValueError(f"SCHEDULING must be continuous or static, got {scheduling!r}")
+    if max_batch_tokens < 0:
+        raise ValueError(f"MAX_BATCH_TOKENS must be an integer >= 0 (0: automatic), got {max_batch_tokens}")
+
+
+class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner):
     def __init__(
         self,
-        engine,
+        engine: BatchEngine | StepEngine,
         latents: LatentCache,
         *,
         max_batch_size: int = 8,
@@ -110,52 +132,41 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
         stream_settings: StreamSettings | None = None,
         vocoder_span_s: float | None = None,
     ):
-        if max_batch_size < 1:
-            raise ValueError(f"MAX_BATCH_SIZE must be an integer >= 1, got {max_batch_size}")
-        if batch_wait_s < 0:
-            raise ValueError(f"BATCH_WAIT_MS must be >= 0, got {batch_wait_s * 1000:g}")
-        if scheduling not in ("continuous", "static"):
-            raise ValueError(f"SCHEDULING must be continuous or static, got {scheduling!r}")
-        if max_batch_tokens < 0:
-            raise ValueError(f"MAX_BATCH_TOKENS must be an integer >= 0 (0: automatic), got {max_batch_tokens}")
-        # Continuous needs the step-level calls; the stock engine and test fakes run whole batches.
-        self.continuous = scheduling == "continuous" and bool(getattr(engine, "supports_steps", False))
+        _check_settings(max_batch_size, batch_wait_s, scheduling, max_batch_tokens)
+        # Continuous needs the step-level calls; the stock engine and FakeEngine run whole batches.
+        self.continuous = scheduling == "continuous" and engine.supports_steps
         if max_batch_tokens == 0 and self.continuous:
             max_batch_tokens = max_batch_size * engine.max_row_positions
         self.max_batch_tokens = max_batch_tokens
         self.engine = engine
         self.latents = latents
         self.stream_settings = stream_settings or StreamSettings()
-        # Spans are counted in vocoder frames: `hop` samples each at the engine's output rate.
-        frame_s = getattr(engine, "vocoder_hop", 256) / getattr(engine, "sample_rate", 24000)
-        self._first_frames = max(1, math.ceil(self.stream_settings.first_s / frame_s))
-        self._max_frames = max(self._first_frames, round(self.stream_settings.max_s / frame_s))
-        # Continuous, per-row vocoding: finished rows vocoded in spans of at most this many frames (None: whole).
-        spans_apply = self.continuous and not getattr(engine, "vocoder_batched", False) and vocoder_span_s
-        self._span_cap = max(1, round(vocoder_span_s / frame_s)) if spans_apply else None
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.clock = clock
         self.observer = observer or Observer()
         self.on_fatal = on_fatal
-        self._waiting: dict[_Row, policy.Waiting] = {}
-        self._order = itertools.count()
+        self._waiting = WaitingQueue()
         self._wake = asyncio.Event()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
         self._closed = False
         self._busy = False
-        # Continuous state, owned by the scheduler task.
-        self._running: dict[_Row, int] = {}  # row -> its KV reservation
-        self._finished: dict[_Row, tuple] = {}  # row -> (FinishedRow, finishing order, times passed over)
-        self._finish_order = itertools.count()
-        self._row_cap = max_batch_size  # shrunk after an out-of-memory step, restored when the batch drains
-        self._kv_cap = max_batch_tokens
-        self._row_peak: dict[_Row, int] = {}  # the most rows a running row shared a step with
-        self._retry: list[_Row] = []
-        self._tokens: dict[_Row, int] = {}  # running row -> tokens decoded (its latents so far)
-        self._vocoded = False  # the vocoder ran since the engine last gave memory back
-        self._oom_rows: set[_Row] = set()  # rows re-queued after an out-of-memory step
+        self._init_spans(vocoder_span_s)
+        self._init_continuous()
+
+    def _init_spans(self, vocoder_span_s: float | None) -> None:
+        """Span lengths in vocoder frames (`hop` samples each at the engine's output rate); only a continuous
+        core vocodes in spans."""
+        self._first_frames = self._max_frames = 1
+        self._span_cap = None  # finished rows vocoded in spans of at most this many frames (None: whole)
+        if not self.continuous:
+            return
+        frame_s = self.engine.vocoder_hop / self.engine.sample_rate
+        self._first_frames = max(1, math.ceil(self.stream_settings.first_s / frame_s))
+        self._max_frames = max(self._first_frames, round(self.stream_settings.max_s / frame_s))
+        if not self.engine.vocoder_batched and vocoder_span_s:
+            self._span_cap = max(1, round(vocoder_span_s / frame_s))
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -167,9 +178,8 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
     async def close(self) -> None:
         """Stop taking requests, fail those still waiting, stop the loop and the engine thread."""
         self._closed = True
-        for row in list(self._waiting):
-            row.request.fail(SchedulerClosedError("the worker is shutting down; retry the job"))
-        self._waiting.clear()
+        for row in self._waiting.clear():
+            row.request.fail(_closing())
         if self._task:
             self._task.cancel()
             try:
@@ -178,7 +188,7 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
                 pass
         self._thread.shutdown(wait=True)
         for row in [*self._running, *self._finished]:
-            row.request.fail(SchedulerClosedError("the worker is shutting down; retry the job"))
+            row.request.fail(_closing())
         self._running.clear()
         self._finished.clear()
 
@@ -240,11 +250,11 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
 
     async def _enqueue(self, req: SpeechRequest, *, stream: bool) -> _Request:
         if self._closed:
-            raise SchedulerClosedError("the worker is shutting down; retry the job")
+            raise _closing()
         segments = await asyncio.to_thread(self.engine.prepare_text, req.text, req.language)
         t0 = time.perf_counter()
         voice, hit = await self.latents.get(req.voice_key, lambda: self._condition(req))
-        request = _Request(req, segments, voice, self.clock())
+        request = _Request(req, segments, voice, self.clock(), self.engine.sample_rate)
         request.latent_hit = hit
         request.conditioning_s = 0.0 if hit else time.perf_counter() - t0
         if stream:
@@ -254,13 +264,13 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
             request.span_frames = self._first_frames
         self.observer.conditioning_done(request.conditioning_s, hit)
         if self._closed:
-            raise SchedulerClosedError("the worker is shutting down; retry the job")
+            raise _closing()
         now = self.clock()
         ahead_s = 0.0  # audio of the segments before this one (streamed: when this one's audio is needed)
         for i, seg in enumerate(segments):
             due = now + ahead_s if stream and i > 0 else None
-            row = _Row(request, i, next(self._order), row_seed(req.params.seed), due)
-            self._waiting[row] = self._queued(row, self._reservation(row) if self.continuous else 0)
+            row = _Row(request, i, self._waiting.next_order(), row_seed(req.params.seed), due)
+            self._waiting.put(row, self._reservation(row) if self.continuous else 0)
             ahead_s += len(seg.text) / SPOKEN_CHARS_PER_S / max(req.params.speed, 0.05)
         self.observer.queue_depth(len(self._waiting))
         self._wake.set()
@@ -275,6 +285,28 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
         wav, sr = await req.load_reference()
         return await self.run_on_engine(self.engine.condition, wav, sr)
 
+    def _drop(self, request: _Request) -> None:
+        self._waiting.drop(request)
+        self.observer.queue_depth(len(self._waiting))
+
+    def _reservation(self, row: _Row) -> int:
+        return self.engine.reserve_positions(row.segment())
+
+    def _expire(self) -> None:
+        """Requests past their deadline fail, and their rows leave the queue (the running ones at the next step)."""
+        now = self.clock()
+        for request in {r.request for r in [*self._waiting, *self._running, *self._finished]}:
+            deadline = request.req.deadline
+            if deadline is not None and now >= deadline:
+                request.fail(JobTimeoutError(f"job timed out after waiting {now - request.submitted_at:.1f} s"))
+                self._drop(request)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
 
     def _fatal(self, error: FatalEngineError, rows: list[_Row]) -> None:
         log.critical("fatal engine error: %s", error)
@@ -282,9 +314,8 @@ class Scheduler(_StaticLoop, _ContinuousCore, _SpanPlanner, _WaitingQueue):
             row.request.fail(error)
         self._running.clear()
         self._finished.clear()
-        for row in list(self._waiting):
+        for row in self._waiting.clear():
             row.request.fail(error)
-        self._waiting.clear()
         self._closed = True
         if self.on_fatal:
             self.on_fatal(error)
