@@ -149,7 +149,14 @@ class XttsEngine:
         self.vocoder_batched = vocoder == "batched" or (vocoder == "auto" and self.device.type == "cuda")
         if self.fold_weight_norm:
             _remove_weight_norm(model.hifigan_decoder.waveform_decoder)
-        # The running batch: preallocated slots (static shapes, CUDA graphs) or the growing DynamicCache.
+        self._init_running(kv_cache, cuda_graphs, gpt_dtype)
+        # The most KV positions one row can hold: conditioning latents, start + text (< max) + stop, audio.
+        perceiver = getattr(gpt, "conditioning_perceiver", None)
+        cond_len = int(perceiver.latents.shape[0]) if perceiver is not None else 32
+        self.max_row_positions = cond_len + self.max_text_tokens + 1 + self.max_gen_tokens
+
+    def _init_running(self, kv_cache: str, cuda_graphs: str, gpt_dtype: torch.dtype | None) -> None:
+        """The running batch: preallocated slots (static shapes, CUDA graphs) or the growing DynamicCache."""
         if kv_cache not in KV_CACHES:
             raise ValueError(f"XTTS_KV_CACHE must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if kv_cache == "auto":
@@ -163,10 +170,6 @@ class XttsEngine:
         self._running = StaticBatch(self, keep_buffers=graphs) if kv_cache == "static" else RunningBatch(self)
         # Replayed CUDA graphs of the static step, checked against the eager step first (batching/graphs.py).
         self.graphs = GraphStep(self._running, strict=cuda_graphs == "on", dtype=gpt_dtype) if graphs else None
-        # The most KV positions one row can hold: conditioning latents, start + text (< max) + stop, audio.
-        perceiver = getattr(gpt, "conditioning_perceiver", None)
-        cond_len = int(perceiver.latents.shape[0]) if perceiver is not None else 32
-        self.max_row_positions = cond_len + self.max_text_tokens + 1 + self.max_gen_tokens
 
     @classmethod
     def load(cls, model_dir=None, model="xtts_v2", device="auto", gpt_dtype="auto", vocoder="auto", kv_cache="auto",
@@ -378,24 +381,12 @@ class XttsEngine:
         return torch.cat([segment.voice.gpt_cond_latent[0].to(self.device, text.dtype), text], dim=0)
 
     def _vocode(self, latents: list[torch.Tensor], speakers: list[torch.Tensor], speeds: list[float]) -> list[np.ndarray]:
-        rows = []
-        for lat, speed in zip(latents, speeds, strict=True):
-            lat = lat[None]  # [1, T, width]
-            length_scale = 1.0 / max(speed, 0.05)
-            if length_scale != 1.0 and math.floor(lat.shape[1] * length_scale) >= 1:
-                lat = F.interpolate(lat.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
-            rows.append(lat)
+        rows = [_stretch(lat[None], speed) for lat, speed in zip(latents, speeds, strict=True)]  # [1, T, width]
         decoder = self.model.hifigan_decoder
         if not self.vocoder_batched or len(rows) == 1:
             wavs = [decoder(lat, g=spk.to(self.device)) for lat, spk in zip(rows, speakers, strict=True)]
             return [_to_numpy(w) for w in wavs]
-        # One batch, each shorter row padded by repeating its last latent, and cut to the length it has alone.
-        # Only the last ~0.2 s of a padded row can differ from vocoding it alone (the convolutions see the
-        # padding instead of silence there).
-        t_max = max(lat.shape[1] for lat in rows)
-        batch = torch.cat([torch.cat([lat, lat[:, -1:].expand(1, t_max - lat.shape[1], -1)], 1) for lat in rows])
-        g = torch.cat([spk.to(self.device).reshape(1, -1, 1) for spk in speakers])
-        out = decoder(batch, g=g)
+        out = _vocode_padded(decoder, rows, [spk.to(self.device) for spk in speakers])
         return [_to_numpy(out[i, :, : self.samples_for(lat.shape[1])]) for i, lat in enumerate(rows)]
 
     @property
@@ -418,6 +409,24 @@ class XttsEngine:
 
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.gpt_dtype)
+
+
+def _stretch(lat: torch.Tensor, speed: float) -> torch.Tensor:
+    """[1, T, width] latents stretched for the row's speed (stock XTTS's length scale), as HiFi-GAN takes them."""
+    length_scale = 1.0 / max(speed, 0.05)
+    if length_scale != 1.0 and math.floor(lat.shape[1] * length_scale) >= 1:
+        lat = F.interpolate(lat.transpose(1, 2), scale_factor=length_scale, mode="linear").transpose(1, 2)
+    return lat
+
+
+def _vocode_padded(decoder, rows: list[torch.Tensor], speakers: list[torch.Tensor]) -> torch.Tensor:
+    """One HiFi-GAN batch, each shorter row padded by repeating its last latent (the caller cuts each row to the
+    length it has alone). Only the last ~0.2 s of a padded row can differ from vocoding it alone (the convolutions
+    see the padding instead of silence there)."""
+    t_max = max(lat.shape[1] for lat in rows)
+    batch = torch.cat([torch.cat([lat, lat[:, -1:].expand(1, t_max - lat.shape[1], -1)], 1) for lat in rows])
+    g = torch.cat([spk.reshape(1, -1, 1) for spk in speakers])
+    return decoder(batch, g=g)
 
 
 def _trim_heap() -> None:

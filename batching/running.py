@@ -107,6 +107,17 @@ class RunningBatch:
             return
         if set(keys) & set(self.keys) or len(set(keys)) != len(keys):
             raise ValueError("a row key is already running")
+        cache, mask, width = self._prefill(segments)
+        new = self._row_tables(segments, width)
+        if self.cache is None:
+            self.cache, self.mask, self.t = cache, mask, new
+        else:
+            self._merge(cache, mask, new)
+        self.keys += list(keys)
+        self.segments += list(segments)
+
+    def _prefill(self, segments: Sequence) -> tuple:
+        """The new rows' prefixes, left-padded, through the GPT: their cache, their mask and the width."""
         from transformers import DynamicCache
 
         e = self.engine
@@ -122,7 +133,11 @@ class RunningBatch:
         cache = DynamicCache(config=gpt.gpt.config)
         with e.autocast():
             gpt.gpt(inputs_embeds=x, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return cache, mask, width
 
+    def _row_tables(self, segments: Sequence, width: int) -> dict[str, torch.Tensor]:
+        """The new rows' per-row state: positions, limits, sampling parameters, random streams, outputs."""
+        e, dev, b = self.engine, self.engine.device, len(segments)
         limits = [e.row_limits(s) for s in segments]
         t_max = max(hi for _, hi in limits)
         params = [s.params for s in segments]
@@ -136,7 +151,7 @@ class RunningBatch:
             # The row's own stream, as long as the row can be: the same seed gives the same draws in any batch.
             uniforms[i, :hi] = torch.rand(hi, generator=torch.Generator().manual_seed(row_seed(p.seed)),
                                           dtype=torch.float64)  # fmt: skip
-        new = {
+        return {
             "pos": torch.zeros(b, dtype=torch.long, device=dev),
             "next_tok": torch.full((b,), e.start_audio, dtype=torch.long, device=dev),
             "min_new": torch.tensor([lo for lo, _ in limits], device=dev),
@@ -151,12 +166,6 @@ class RunningBatch:
             "codes": torch.full((b, t_max), -1, dtype=torch.long, device=dev),
             "hidden": torch.zeros(b, t_max, width, device=dev),
         }
-        if self.cache is None:
-            self.cache, self.mask, self.t = cache, mask, new
-        else:
-            self._merge(cache, mask, new)
-        self.keys += list(keys)
-        self.segments += list(segments)
 
     def _merge(self, cache, mask: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
         from transformers import DynamicCache
