@@ -32,6 +32,7 @@ the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -50,7 +51,6 @@ from batching.running import FinishedRow, RunningBatch, StepOutput, row_seed
 from batching.static_batch import StaticBatch
 from batching.text import split_text
 from batching.vocoder import RowVocoder
-
 
 # XTTS_KV_CACHE: static (batching/static_batch.py) or dynamic (batching/running.py); auto: static on CUDA, where
 # CUDA graphs need it, dynamic on a CPU (where the static step has not yet been measured to cost nothing).
@@ -472,3 +472,18 @@ def _autocast_dtype(name: str, device) -> torch.dtype | None:
     if name not in table:
         raise ValueError(f"XTTS_GPT_DTYPE must be auto, float32, float16 or bfloat16, got {name!r}")
     return table[name]
+
+
+@contextlib.contextmanager
+def decoding(engine: XttsEngine, kv_cache: str, cuda_graphs: str = "off"):
+    """The engine decoding on another KV cache (XTTS_KV_CACHE) and CUDA-graph setting (XTTS_CUDA_GRAPHS) inside
+    the block, then as before: for a benchmark that times the paths side by side on one model. Only between
+    requests: the running rows, if any, are dropped."""
+    before = (engine.kv_cache, engine._running, engine.graphs)
+    engine.reset()
+    try:
+        engine._init_running(kv_cache, cuda_graphs, engine.gpt_dtype)
+        yield engine
+    finally:
+        engine.reset()
+        engine.kv_cache, engine._running, engine.graphs = before

@@ -133,3 +133,22 @@ def test_the_step_reads_only_the_slots_and_columns_in_use(tiny_engine, voices):
         batch.evict(["b"])
         assert batch.kv_shape is None and batch.step().keys == ()
     assert [slot_bucket(n) for n in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 64]
+
+
+def test_decoding_switches_the_engines_kv_cache_for_a_block_and_back(tiny_engine, voices):
+    """batching.engine.decoding, which the GPU kit's step section times each path with: inside the block the
+    engine steps on the static slots, and its seeded codes are the dynamic cache's; afterwards it is as before."""
+    from batching.engine import decoding
+
+    row = sampled_rows(tiny_engine, voices)[0]
+    assert tiny_engine.kv_cache == "dynamic"  # auto on the CPU
+    before = tiny_engine.generate([row])[0]
+    with decoding(tiny_engine, "static") as engine:
+        assert engine.kv_cache == "static" and isinstance(engine._running, StaticBatch) and engine.graphs is None
+        inside = engine.generate([row])[0]
+    assert tiny_engine.kv_cache == "dynamic" and isinstance(tiny_engine._running, RunningBatch)
+    np.testing.assert_array_equal(inside.codes, before.codes)
+    with pytest.raises(ValueError, match="XTTS_KV_CACHE must be one of"):
+        with decoding(tiny_engine, "paged"):
+            pass
+    assert tiny_engine.kv_cache == "dynamic"

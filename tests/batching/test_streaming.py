@@ -122,6 +122,28 @@ async def test_streamed_chunks_are_the_audio_submit_gives(tiny_engine, language)
 
 
 @pytest.mark.slow
+async def test_a_row_streamed_on_the_static_cache_is_the_dynamic_caches_whole_audio(tiny_engine, tiny_static_engine):
+    """XTTS_KV_CACHE=static streamed (three segments, seeded) against the dynamic cache's `submit`: the same audio
+    within 1e-3, so streaming on the preallocated slots (the default on CUDA) changes nothing either."""
+    text, language, params = TEXTS["ja"], "ja", SamplingParams(seed=11)
+    dynamic = Scheduler(tiny_engine, LatentCache(8, None, "t"), max_batch_size=4, batch_wait_s=0.0)
+    static = Scheduler(tiny_static_engine, LatentCache(8, None, "t"), max_batch_size=4, batch_wait_s=0.0,
+                       stream_settings=StreamSettings(0.5, 8.0))  # fmt: skip
+    await dynamic.start()
+    await static.start()
+    try:
+        whole = await dynamic.submit(SpeechRequest(text, language, "v", _load, params))
+        chunks, result = await _streamed(static, text, language, params)
+    finally:
+        await dynamic.close()
+        await static.close()
+    joined = np.concatenate([c.samples for c in chunks])
+    assert len(chunks) >= 3 and len(joined) == len(whole.wav) and result.segments == 3
+    np.testing.assert_allclose(joined, whole.wav, rtol=0, atol=1e-3)
+    assert static.idle and tiny_static_engine.running == ()
+
+
+@pytest.mark.slow
 async def test_a_caller_that_leaves_mid_stream_frees_its_rows(tiny_engine):
     scheduler = Scheduler(tiny_engine, LatentCache(8, None, "t"), max_batch_size=4, batch_wait_s=0.0)
     await scheduler.start()

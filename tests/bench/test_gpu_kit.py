@@ -144,7 +144,9 @@ def test_dry_run_on_cpu_writes_every_section_within_the_gpu_machines_packages(tm
     assert set(s["load"]["continuous_over_static"]) == {"c2_burst", "c2_open_loop"}
 
     steps = s["step"]["rows"]
-    assert [(r["path"], r["rows"]) for r in steps] == [("eager", 1), ("eager", 2)]
+    # Both KV caches on the CPU (no CUDA graphs there), each at every row count.
+    assert [(r["path"], r["rows"]) for r in steps] == [("dynamic", 1), ("dynamic", 2), ("static", 1), ("static", 2)]
+    assert not any(r["graphs_replayed"] for r in steps)
     for r in steps:
         assert r["steps"] == 2 and 0 < r["ms_per_step_min"] <= r["ms_per_step_p50"] and r["kv_positions_per_row"] > 4
     assert steps[1]["audio_s_per_step"] == pytest.approx(2 * steps[0]["audio_s_per_step"])
@@ -161,7 +163,8 @@ def test_dry_run_on_cpu_writes_every_section_within_the_gpu_machines_packages(tm
     assert rec["MAX_BATCH_SIZE"] in (1, 2) and rec["XTTS_VOCODER_BATCHING"] in ("batched", "per_row")
     assert "MAX_BATCH_SIZE" in rec["rules"] and "XTTS_VOCODER_BATCHING" in rec["rules"]
     targets = rec["targets"]
-    assert targets["step_ms_1_row"]["measured"] == steps[0]["ms_per_step_p50"]
+    # The step targets take the fastest path measured at that row count.
+    assert targets["step_ms_1_row"]["measured"] == min(r["ms_per_step_p50"] for r in steps if r["rows"] == 1)
     assert targets["step_ms_64_rows"]["measured"] is None and targets["step_ms_64_rows"]["met"] is None
     assert targets["first_audio_c1_s"]["measured"] == s["first_audio"]["paragraph"]["first_audio_p50_s"]
     for heading in ("Equivalence", "First audio at c1", "Load: continuous against static", "Decoding step",
