@@ -6,7 +6,7 @@ import pytest
 
 from batching.errors import BatchError, FatalEngineError, OutOfMemoryError
 from batching.latents import LatentCache
-from batching.scheduler import JobTimeoutError, Observer, Scheduler, SpeechRequest
+from batching.scheduler import JobTimeoutError, Observer, Scheduler
 from testing.fake_engine import SAMPLES_PER_CHAR, Clock, FakeEngine, request, settle, spoken
 
 

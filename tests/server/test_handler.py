@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
 import soundfile as sf
 
